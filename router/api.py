@@ -1,0 +1,315 @@
+"""The HTTP API (FastAPI): routing decisions, outcomes, explanations, carriers, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from features import to_epoch
+from router.engine import OutcomeEvent, RouteDecision, RouteRequest
+from router.errors import RoutingError
+from router.service import RouterService
+
+MAX_BATCH = 1000
+_ID = r"^[A-Za-z0-9_\-]{1,64}$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class RouteIn(_Body):
+    """A message to route. Only `to` is required."""
+
+    to: str = Field(min_length=1, max_length=32, description="Destination in E.164, e.g. +7916…")
+    message_class: str = Field("otp", min_length=1, max_length=32)
+    tenant: str | None = Field(None, max_length=64)
+    sender_type: Literal["alphanumeric", "numeric", "shortcode"] = "alphanumeric"
+    segments: int = Field(1, ge=1, le=255)
+    mccmnc: str | None = Field(None, pattern=r"^\d{5,6}$")
+    exclude: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
+    attempt: int = Field(1, ge=1, le=20)
+    parent_decision_id: str | None = Field(None, pattern=_ID)
+    at: AwareDatetime | None = Field(None, description="Event time (RFC 3339); default: now")
+
+    def to_request(self) -> RouteRequest:
+        """The engine's request."""
+        return RouteRequest(
+            self.to,
+            self.message_class,
+            self.tenant,
+            self.sender_type,
+            self.segments,
+            self.mccmnc,
+            tuple(self.exclude),
+            self.attempt,
+            self.parent_decision_id,
+            _epoch(self.at),
+        )
+
+
+class RouteContext(BaseModel):
+    """The features the decision was made on."""
+
+    country: str
+    operator: str
+    local_hour: int
+    weekday: int
+    mccmnc: str | None
+
+
+class RouteOut(BaseModel):
+    """A decision: the carrier, ranked fallbacks, and the exact propensity of the draw."""
+
+    decision_id: str
+    carrier: str
+    fallbacks: list[str]
+    propensity: float
+    policy: str
+    context: RouteContext
+    at: datetime
+
+
+class ErrorBody(BaseModel):
+    """What went wrong, naming the field."""
+
+    code: str
+    message: str
+    field: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class ErrorOut(BaseModel):
+    """An error answer."""
+
+    error: ErrorBody
+
+
+class OutcomeIn(_Body):
+    """A submit result, a delivery receipt (SMPP 3.4 status) or an OTP conversion."""
+
+    decision_id: str = Field(pattern=_ID)
+    event: Literal["submit", "dlr", "conversion"]
+    status: str | None = Field(
+        None,
+        max_length=32,
+        description="dlr: DELIVRD, UNDELIV, EXPIRED, REJECTD, DELETED, "
+        "UNKNOWN, ACCEPTD, ENROUTE; submit: ACCEPTED or the error",
+    )
+    error_code: str | None = Field(None, max_length=32)
+    cost: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False)
+    currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
+    at: AwareDatetime | None = None
+
+    def to_event(self) -> OutcomeEvent:
+        """The engine's event."""
+        return OutcomeEvent(
+            self.decision_id,
+            self.event,
+            self.status,
+            self.error_code,
+            self.cost,
+            self.currency,
+            _epoch(self.at),
+        )
+
+
+class OutcomesOut(BaseModel):
+    """Per event: recorded, duplicate (changed nothing) or late (recorded, not learned)."""
+
+    recorded: int
+    duplicates: int
+    late: int
+    results: list[Literal["recorded", "duplicate", "late"]]
+
+
+class PauseIn(_Body):
+    """Why a carrier is paused."""
+
+    reason: str = Field("paused by an operator", max_length=200)
+
+
+def _epoch(at: datetime | None) -> float | None:
+    return None if at is None else to_epoch(at)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _error(exc: RoutingError) -> Response:
+    return _json({"error": exc.to_dict()}, exc.status)
+
+
+def _validation_message(exc: RequestValidationError) -> Response:
+    """422 naming each bad field; the offending values are never echoed (they may be numbers)."""
+    body = getattr(exc, "body", None)
+    fields = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if loc and isinstance(body, dict) and loc[0].startswith("list["):
+            continue
+        if loc and isinstance(body, list) and loc[0] == "OutcomeIn":
+            continue
+        loc = [p for p in loc if p not in ("OutcomeIn",) and not p.startswith("list[")]
+        if err.get("type") == "json_invalid":
+            return _json(
+                {"error": {"code": "malformed_json", "message": "request body is not valid JSON"}},
+                400,
+            )
+        fields.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid")})
+    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
+    first = fields[0]["field"] if fields else None
+    return _json(
+        {
+            "error": {
+                "code": "invalid_request",
+                "message": message,
+                "field": first,
+                "details": {"fields": fields},
+            }
+        },
+        422,
+    )
+
+
+def create_app(service: RouterService, tick_seconds: float = 0.5) -> FastAPI:
+    """The FastAPI application serving one `RouterService`."""
+    engine = service.engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(tick_seconds)
+                service.tick()
+
+        task = asyncio.create_task(ticker())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            service.close()
+
+    app = FastAPI(
+        title="SMS router",
+        version="0.1.0",
+        summary="Adaptive SMS routing: learned carrier selection with honest propensities.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(RoutingError)
+    async def _routing_error(_: Request, exc: RoutingError) -> Response:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        engine.metrics.rejected.labels("invalid_request").inc()
+        return _validation_message(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _json({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code)
+
+    errors: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 403, 404, 422)}
+
+    @app.post("/v1/route", response_model=RouteOut, responses=errors, tags=["routing"])
+    async def route(body: RouteIn) -> Response:
+        """Choose a carrier for one message."""
+        return _json(engine.route(body.to_request()).to_dict())
+
+    @app.post(
+        "/v1/route/batch",
+        response_model=list[RouteOut | ErrorOut],
+        responses=errors,
+        tags=["routing"],
+    )
+    async def route_batch(
+        body: Annotated[list[RouteIn], Field(min_length=1, max_length=MAX_BATCH)],
+    ) -> Response:
+        """Route up to 1000 messages; each answer is a decision or that message's error."""
+        answers = engine.route_batch([r.to_request() for r in body])
+        return _json(
+            [
+                a.to_dict() if isinstance(a, RouteDecision) else {"error": a.to_dict()}
+                for a in answers
+            ]
+        )
+
+    @app.post("/v1/outcomes", response_model=OutcomesOut, responses=errors, tags=["outcomes"])
+    async def outcomes(
+        body: OutcomeIn | Annotated[list[OutcomeIn], Field(min_length=1, max_length=MAX_BATCH)],
+    ) -> Response:
+        """Report submit results, receipts and conversions: one event or a list, all-or-nothing."""
+        events = [e.to_event() for e in (body if isinstance(body, list) else [body])]
+        results = engine.record_outcomes(events)
+        return _json(
+            {
+                "recorded": results.count("recorded"),
+                "duplicates": results.count("duplicate"),
+                "late": results.count("late"),
+                "results": results,
+            }
+        )
+
+    @app.get("/v1/decisions/{decision_id}", responses=errors, tags=["routing"])
+    async def decision(decision_id: Annotated[str, Path(pattern=_ID)]) -> Response:
+        """A decision with its context, π over the eligible carriers, scores and outcomes."""
+        return _json(engine.decision(decision_id))
+
+    @app.get("/v1/carriers", tags=["carriers"])
+    async def carriers(
+        country: Annotated[str | None, Query(pattern=r"^[A-Z]{2}$")] = None,
+    ) -> Response:
+        """The catalog with live scores per carrier and country."""
+        return _json(
+            {"catalog_version": engine.catalog.version, "carriers": engine.carriers(country)}
+        )
+
+    @app.post("/v1/carriers/{carrier_id}/pause", responses=errors, tags=["admin"])
+    async def pause(
+        carrier_id: Annotated[str, Path(pattern=_ID)], body: PauseIn | None = None
+    ) -> Response:
+        """Take a carrier out of every eligible set."""
+        engine.pause(carrier_id, (body or PauseIn()).reason)
+        return _json({"carrier": carrier_id, "paused": True})
+
+    @app.post("/v1/carriers/{carrier_id}/resume", responses=errors, tags=["admin"])
+    async def resume(carrier_id: Annotated[str, Path(pattern=_ID)]) -> Response:
+        """Put a paused carrier back."""
+        engine.resume(carrier_id)
+        return _json({"carrier": carrier_id, "paused": False})
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> Response:
+        """Liveness and a few vital signs."""
+        return _json(
+            {
+                "status": "ok",
+                "policy": engine.policy_label,
+                "pending": len(engine.inflight),
+                "event_clock": engine.clock,
+                "catalog_version": engine.catalog.version,
+            }
+        )
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        engine.carriers()  # refreshes the per-carrier success gauges
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,118 @@
+"""The `router` command: one verb per user (serve, demo, …)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from carriers.catalog import EXAMPLE_CATALOG, CatalogError
+from router.config import DEFAULT_POLICY_FILE, ConfigError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from router.api import create_app
+    from router.service import RouterService, ServiceSettings
+
+    settings = ServiceSettings(
+        data_dir=Path(args.data_dir),
+        catalog=Path(args.catalog),
+        policy_file=Path(args.policy_file),
+        policy=args.policy,
+        tracking_uri=args.tracking_uri,
+        mlflow=not args.no_mlflow,
+        seed=args.seed,
+        max_future_skew_seconds=None if args.replay else 300.0,
+    )
+    service = RouterService(settings)
+    uvicorn.run(
+        create_app(service),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from router.demo import DemoOptions, run_demo
+
+    run_demo(
+        DemoOptions(
+            scenario=args.scenario,
+            workers=args.workers,
+            data_dir=Path(args.data_dir),
+            port=args.port,
+            keep_state=args.keep_state,
+            mlflow=not args.no_mlflow,
+            seed=args.seed,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    p = argparse.ArgumentParser(prog="router", description="Adaptive SMS routing engine.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    serve = sub.add_parser("serve", help="the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--catalog", default=str(EXAMPLE_CATALOG), help="carrier catalog (YAML)")
+    serve.add_argument(
+        "--policy-file",
+        default=str(DEFAULT_POLICY_FILE),
+        help="policy, parameters and message classes (YAML)",
+    )
+    serve.add_argument("--policy", help="serve another policy than the policy file's")
+    serve.add_argument("--data-dir", default="data", help="state snapshot, decision log, MLflow")
+    serve.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in data dir)")
+    serve.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    serve.add_argument("--seed", type=int, help="random seed of the policy's draws")
+    serve.add_argument(
+        "--replay",
+        action="store_true",
+        help="accept event times far from the wall clock (replays, simulations)",
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="router + simulated carriers + sender workers")
+    demo.add_argument("--scenario", default="demo", help="a shipped scenario name or a file")
+    demo.add_argument("--workers", type=int, default=4)
+    demo.add_argument("--data-dir", default="data/demo")
+    demo.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    demo.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="start from the previous run's learned state and log",
+    )
+    demo.add_argument("--no-mlflow", action="store_true")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `router` console command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (CatalogError, ConfigError) as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,723 @@
+"""The routing engine: one decision per message, outcomes in event time, every choice logged.
+
+It composes features (destination), eligibility, the policy (π, draw, fallbacks), the learned
+carrier model, decisions in flight with their timers, the decision log and metrics. It does no
+HTTP; `router.api` serves it and the simulator drives it directly.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from bandit.model import CarrierModel, Observation, RouteKey
+from bandit.policies import Arm, DecisionContext, Policy, draw, fallback_order, make_policy
+from bandit.reward import MessageClass
+from carriers.catalog import Catalog, Tenant
+from features import (
+    DestinationParser,
+    InvalidNumber,
+    UnknownMccMnc,
+    from_epoch,
+    local_hour_weekday,
+    msisdn_hmac,
+)
+from router.config import EngineConfig
+from router.eligibility import Eligibility
+from router.errors import (
+    Forbidden,
+    InvalidRequest,
+    NoEligibleCarrier,
+    RoutingError,
+    UnknownCarrier,
+    UnknownDecision,
+)
+from router.inflight import (
+    DEADLINE,
+    DLR_STATUSES,
+    FINAL_DLR,
+    INTERMEDIATE_DLR,
+    STALE,
+    TIMEOUT,
+    TRUTH,
+    InFlight,
+    RecentDecisions,
+    Timers,
+)
+from router.metrics import EngineMetrics
+
+SENDER_TYPES = ("alphanumeric", "numeric", "shortcode")
+SUBMIT_OK = frozenset({"ACCEPTED", "OK", "ESME_ROK", "SUCCESS"})
+EVENTS = ("submit", "dlr", "conversion")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """One message to route; only `to` is required. `at` is event time (epoch seconds)."""
+
+    to: str
+    message_class: str = "otp"
+    tenant: str | None = None
+    sender_type: str = "alphanumeric"
+    segments: int = 1
+    mccmnc: str | None = None
+    exclude: tuple[str, ...] = ()
+    attempt: int = 1
+    parent_decision_id: str | None = None
+    at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """The engine's answer: a carrier, ranked fallbacks, and the exact propensity of the draw."""
+
+    decision_id: str
+    carrier: str
+    fallbacks: list[str]
+    propensity: float
+    policy: str
+    context: dict[str, Any]
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's JSON body."""
+        return {
+            "decision_id": self.decision_id,
+            "carrier": self.carrier,
+            "fallbacks": self.fallbacks,
+            "propensity": self.propensity,
+            "policy": self.policy,
+            "context": self.context,
+            "at": from_epoch(self.at).isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeEvent:
+    """A submit result, a delivery receipt, or an OTP conversion for one decision."""
+
+    decision_id: str
+    event: str
+    status: str | None = None
+    error_code: str | None = None
+    cost: float | None = None
+    currency: str | None = None
+    at: float | None = None
+
+
+@dataclass(slots=True)
+class ServingStats:
+    """Running totals for the serving run's periodic MLflow metrics."""
+
+    decisions: int = 0
+    learned: int = 0
+    learned_success: int = 0
+    delivered: int = 0
+    spend: float = 0.0
+    no_eligible: int = 0
+    alarms: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """Metrics derived from the totals."""
+        return {
+            "decisions": self.decisions,
+            "success_within_sla_rate": self.learned_success / self.learned if self.learned else 0,
+            "delivered": self.delivered,
+            "spend": self.spend,
+            "cost_per_delivered": self.spend / self.delivered if self.delivered else 0.0,
+            "no_eligible": self.no_eligible,
+            "change_alarms": self.alarms,
+        }
+
+
+@dataclass
+class EngineOptions:
+    """Runtime options that are not learning configuration."""
+
+    hmac_key: bytes = b"change-me"
+    max_future_skew_seconds: float | None = 300.0
+    max_past_outcome_skew_seconds: float = 1.0
+    recent_capacity: int = 200_000
+    currency: str | None = None
+    wall_clock: Callable[[], float] = time.time
+
+
+class RoutingEngine:
+    """Routes messages and learns from their outcomes; thread-safe behind one lock."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        config: EngineConfig,
+        options: EngineOptions | None = None,
+        metrics: EngineMetrics | None = None,
+        log_decision: Callable[[dict[str, Any]], None] | None = None,
+        log_outcome: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.config = config
+        self.options = options or EngineOptions()
+        self.metrics = metrics or EngineMetrics()
+        self.model = CarrierModel(config.model)
+        self.policy: Policy = make_policy(
+            config.policy, self.model, seed=config.seed, **dict(config.params)
+        )
+        self.parser = DestinationParser(catalog.directory)
+        self.eligibility = Eligibility(catalog)
+        self.inflight: dict[str, InFlight] = {}
+        self.recent = RecentDecisions(self.options.recent_capacity)
+        self.timers = Timers()
+        self.clock = 0.0
+        self.stats = ServingStats()
+        self._log_decision = log_decision
+        self._log_outcome_row = log_outcome
+        self._ids = random.Random(config.seed)
+        self._lock = threading.RLock()
+        self._currency = self.options.currency or catalog.currency
+
+    # ---- identity --------------------------------------------------------------------------
+
+    @property
+    def policy_label(self) -> str:
+        """`name@version` of the serving policy."""
+        return f"{self.policy.name}@{self.policy.version}"
+
+    def message_class(self, name: str) -> MessageClass:
+        """A configured message class, or an error naming the known ones."""
+        mc = self.config.message_classes.get(name)
+        if mc is None:
+            known = ", ".join(sorted(self.config.message_classes))
+            raise InvalidRequest(
+                f"unknown message class {name!r}; known: {known}", field="message_class"
+            )
+        return mc
+
+    # ---- time ------------------------------------------------------------------------------
+
+    def _event_time(self, at: float | None, field_name: str = "at") -> float:
+        wall = self.options.wall_clock()
+        if at is None:
+            return wall
+        skew = self.options.max_future_skew_seconds
+        if skew is not None and at > wall + skew:
+            raise InvalidRequest(
+                f"timestamp is {at - wall:.0f} s in the future (at most {skew:g} s "
+                "of clock skew is accepted)",
+                field=field_name,
+            )
+        return at
+
+    def advance(self, now: float) -> None:
+        """Move event time forward to `now`, firing every timer that falls due."""
+        with self._lock:
+            if now > self.clock:
+                self.clock = now
+            while (item := self.timers.pop_due(self.clock)) is not None:
+                due, kind, did = item
+                flight = self.inflight.get(did)
+                if flight is not None:
+                    self._fire(kind, flight, due)
+
+    # ---- routing ---------------------------------------------------------------------------
+
+    def route(self, req: RouteRequest) -> RouteDecision:
+        """Choose a carrier for one message, log the decision and start waiting for its outcome."""
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                decision = self._route(req)
+            except RoutingError as exc:
+                self.metrics.rejected.labels(exc.code).inc()
+                raise
+            self.metrics.latency.observe(time.perf_counter() - t0)
+            return decision
+
+    def route_batch(self, reqs: Sequence[RouteRequest]) -> list[RouteDecision | RoutingError]:
+        """Route many messages; each answer is a decision or the error for that message."""
+        out: list[RouteDecision | RoutingError] = []
+        with self._lock:
+            for req in reqs:
+                try:
+                    out.append(self.route(req))
+                except RoutingError as exc:
+                    out.append(exc)
+        return out
+
+    def _tenant(self, tenant_id: str | None) -> Tenant:
+        tenant = self.catalog.tenant(tenant_id)
+        if tenant is None:
+            raise InvalidRequest(f"unknown tenant {tenant_id or 'default'!r}", field="tenant")
+        return tenant
+
+    def _route(self, req: RouteRequest) -> RouteDecision:
+        now = self._event_time(req.at)
+        mc = self.message_class(req.message_class)
+        tenant = self._tenant(req.tenant)
+        if req.sender_type not in SENDER_TYPES:
+            raise InvalidRequest(
+                f"sender_type must be one of {', '.join(SENDER_TYPES)}", field="sender_type"
+            )
+        if not 1 <= req.segments <= 255:
+            raise InvalidRequest("segments must be between 1 and 255", field="segments")
+        if not 1 <= req.attempt <= 20:
+            raise InvalidRequest("attempt must be between 1 and 20", field="attempt")
+        unknown = [c for c in req.exclude if c not in self.catalog.carriers]
+        if unknown:
+            raise InvalidRequest(
+                f"unknown carrier(s) in exclude: {', '.join(unknown)}", field="exclude"
+            )
+        if req.parent_decision_id is not None and self._find(req.parent_decision_id) is None:
+            raise UnknownDecision(
+                f"parent decision {req.parent_decision_id!r} is not known",
+                field="parent_decision_id",
+            )
+        try:
+            dest = self.parser.parse(req.to, req.mccmnc)
+        except InvalidNumber as exc:
+            raise InvalidRequest(str(exc), field="to") from None
+        except UnknownMccMnc as exc:
+            raise InvalidRequest(str(exc), field="mccmnc") from None
+        if not dest.is_mobile:
+            raise InvalidRequest("number is not a mobile number", field="to")
+        if not tenant.may_send_to(dest.country):
+            raise Forbidden(f"tenant {tenant.id} may not send to {dest.country}", field="tenant")
+        self.advance(now)
+
+        carriers, why = self.eligibility.eligible(
+            tenant, dest.country, dest.operator, req.sender_type, req.segments, now, req.exclude
+        )
+        if not carriers:
+            self.metrics.no_eligible.labels(dest.country).inc()
+            self.stats.no_eligible += 1
+            raise NoEligibleCarrier(
+                f"no eligible carrier for {dest.country}/{dest.operator}: "
+                + "; ".join(f"{c}: {r}" for c, r in why.items()),
+                details={"country": dest.country, "operator": dest.operator, "reasons": why},
+            )
+        hour, weekday = local_hour_weekday(now, dest.timezone)
+        key = RouteKey(dest.country, dest.operator, self.model.band_of(hour))
+        arms = [
+            Arm(
+                c.id,
+                c.coverage[dest.country].price_for(dest.operator),
+                c.billing == "delivery",
+                c.priority,
+            )
+            for c in carriers
+        ]
+        dist = self.policy.distribution(DecisionContext(key, mc, req.segments, now), arms)
+        idx = draw(dist.probabilities, self.policy.rng)
+        arm = arms[idx]
+        self.eligibility.consume(carriers[idx], req.segments, now)
+
+        decision_id = uuid.UUID(int=self._ids.getrandbits(128), version=4).hex
+        fallbacks = [arms[i].carrier for i in fallback_order(dist, idx)]
+        propensity = float(dist.probabilities[idx])
+        context = {
+            "country": dest.country,
+            "operator": dest.operator,
+            "local_hour": hour,
+            "weekday": weekday,
+            "mccmnc": dest.mccmnc,
+        }
+        record = {
+            "decision_id": decision_id,
+            "at": from_epoch(now),
+            "tenant": tenant.id,
+            "message_class": mc.name,
+            "country": dest.country,
+            "operator": dest.operator,
+            "mccmnc": dest.mccmnc,
+            "local_hour": hour,
+            "weekday": weekday,
+            "segments": req.segments,
+            "sender_type": req.sender_type,
+            "attempt": req.attempt,
+            "parent_decision_id": req.parent_decision_id,
+            "eligible": [a.carrier for a in arms],
+            "probabilities": [float(p) for p in dist.probabilities],
+            "scores": [float(s) for s in dist.scores],
+            "carrier": arm.carrier,
+            "propensity": propensity,
+            "fallbacks": fallbacks,
+            "policy": self.policy.name,
+            "policy_version": self.policy.version,
+            "price": arm.unit_price * req.segments,
+            "msisdn_hmac": msisdn_hmac(dest.e164, self.options.hmac_key),
+        }
+        flight = InFlight(
+            decision_id,
+            now,
+            arm.carrier,
+            tenant.id,
+            mc.name,
+            key,
+            req.segments,
+            arm.unit_price,
+            arm.billing_on_delivery,
+            tenant.reports_conversions,
+            record,
+        )
+        self._track(flight, mc)
+        if self._log_decision is not None:
+            self._log_decision(record)
+        self.metrics.decisions.labels(arm.carrier, dest.country).inc()
+        self.stats.decisions += 1
+        return RouteDecision(
+            decision_id, arm.carrier, fallbacks, propensity, self.policy_label, context, now
+        )
+
+    def _track(self, flight: InFlight, mc: MessageClass) -> None:
+        self.inflight[flight.decision_id] = flight
+        t = flight.at
+        self.timers.push(
+            t + mc.sla_seconds * self.config.pending_stale_fraction, STALE, flight.decision_id
+        )
+        self.timers.push(t + mc.learner_deadline_seconds, DEADLINE, flight.decision_id)
+        if flight.conversion_tenant:
+            self.timers.push(t + mc.conversion_window_seconds, TRUTH, flight.decision_id)
+        self.timers.push(t + mc.dlr_timeout_seconds, TIMEOUT, flight.decision_id)
+        self.metrics.pending.set(len(self.inflight))
+
+    # ---- outcomes --------------------------------------------------------------------------
+
+    def _find(self, decision_id: str) -> InFlight | None:
+        return self.inflight.get(decision_id) or self.recent.get(decision_id)
+
+    def record_outcomes(self, events: Iterable[OutcomeEvent]) -> list[str]:
+        """Apply outcome events atomically: all are checked first, then each is applied.
+
+        Returns, per event, "recorded", "duplicate" (a repeat that changed nothing) or "late"
+        (recorded for finance and receipt statistics, too late for the learner).
+        """
+        events = list(events)
+        with self._lock:
+            checked = [self._check_outcome(i, ev, len(events) > 1) for i, ev in enumerate(events)]
+            return [self._apply(flight, ev, at) for flight, ev, at in checked]
+
+    def _check_outcome(
+        self, i: int, ev: OutcomeEvent, many: bool
+    ) -> tuple[InFlight, OutcomeEvent, float]:
+        prefix = f"[{i}]." if many else ""
+        flight = self._find(ev.decision_id)
+        if flight is None:
+            raise UnknownDecision(
+                f"decision {ev.decision_id!r} is not known (never routed here, "
+                "or closed and forgotten)",
+                field=f"{prefix}decision_id",
+            )
+        if ev.event not in EVENTS:
+            raise InvalidRequest(
+                f"event must be one of {', '.join(EVENTS)}", field=f"{prefix}event"
+            )
+        if ev.event == "dlr" and (ev.status or "").upper() not in DLR_STATUSES:
+            raise InvalidRequest(
+                "a dlr needs status, one of " + ", ".join(sorted(DLR_STATUSES)),
+                field=f"{prefix}status",
+            )
+        if ev.cost is not None and not ev.cost >= 0:
+            raise InvalidRequest("cost must be a number >= 0", field=f"{prefix}cost")
+        at = self._event_time(ev.at, f"{prefix}at")
+        if at < flight.at - self.options.max_past_outcome_skew_seconds:
+            raise InvalidRequest(
+                f"outcome is {flight.at - at:.1f} s before its decision", field=f"{prefix}at"
+            )
+        return flight, ev, max(at, flight.at)
+
+    def _apply(self, flight: InFlight, ev: OutcomeEvent, at: float) -> str:
+        self.advance(at)
+        status = (ev.status or "").upper() or None
+        signature = ev.event
+        if ev.event == "dlr":
+            signature = f"dlr-{status}" if status in INTERMEDIATE_DLR else "dlr-final"
+        if signature in flight.seen:
+            self.metrics.duplicates.inc()
+            return "duplicate"
+        flight.seen.add(signature)
+        closed = flight.decision_id not in self.inflight
+        mc = self.config.message_classes[flight.message_class]
+        cost = ev.cost
+        if ev.event == "submit":
+            cost = self._on_submit(flight, status, cost, at)
+            status = status or "ACCEPTED"
+        elif ev.event == "dlr":
+            cost = self._on_dlr(flight, status, cost, at, mc)
+        else:
+            self._on_conversion(flight, at)
+        latency_ms = round((at - flight.at) * 1000)
+        self._log_outcome(
+            flight, ev.event, at, status, ev.error_code, cost, ev.currency, latency_ms
+        )
+        if not closed:
+            self._maybe_close(flight, mc)
+        return "late" if closed else "recorded"
+
+    def _on_submit(
+        self, flight: InFlight, status: str | None, cost: float | None, at: float
+    ) -> float | None:
+        ok = status is None or status in SUBMIT_OK
+        if not ok:
+            if flight.final_status is None:
+                flight.final_status = "SUBMIT_FAILED"
+            self._learn(flight, False, at, None)
+        if cost is None and ok and not flight.billing_on_delivery:
+            cost = flight.unit_price * flight.segments
+        return cost
+
+    def _on_dlr(
+        self, flight: InFlight, status: str | None, cost: float | None, at: float, mc: MessageClass
+    ) -> float | None:
+        if status not in FINAL_DLR:
+            return cost
+        if flight.final_status is None or flight.final_status == "TIMEOUT":
+            flight.final_status = status
+        delivered = status == "DELIVRD"
+        if delivered:
+            flight.delivered_at = at
+            latency = at - flight.at
+            within = latency <= mc.sla_seconds
+            self._learn(flight, within, at, latency if within else None)
+            if flight.conversion_tenant and flight.converted and not flight.truth_done:
+                self._truth(flight, True, at)
+            elif flight.conversion_tenant and at >= flight.at + mc.conversion_window_seconds:
+                self._truth(flight, False, at)
+            if cost is None and flight.billing_on_delivery:
+                cost = flight.unit_price * flight.segments
+            self.stats.delivered += 1
+        else:
+            self._learn(flight, False, at, None)
+        return cost
+
+    def _on_conversion(self, flight: InFlight, at: float) -> None:
+        flight.converted = True
+        self._learn(flight, True, at, None)
+        if flight.final_status == "DELIVRD" and not flight.truth_done:
+            self._truth(flight, True, at)
+
+    def _learn(self, flight: InFlight, success: bool, at: float, latency: float | None) -> None:
+        if flight.learner_done:
+            return
+        flight.learner_done = True
+        flight.learner_success = success
+        if flight.pending_counted:
+            self.model.add_pending(flight.carrier, flight.key, -1.0)
+            flight.pending_counted = False
+        self.model.update(Observation(flight.carrier, flight.key, success, at, latency))
+        self.stats.learned += 1
+        self.stats.learned_success += int(success)
+        self.metrics.learned.labels(flight.carrier, "success" if success else "failure").inc()
+
+    def _check_change(self, flight: InFlight, due: float) -> None:
+        obs = Observation(flight.carrier, flight.key, bool(flight.learner_success), due)
+        if self.model.check_change(obs, flight.at):
+            self.stats.alarms += 1
+            self.metrics.alarms.labels(flight.carrier, flight.key.country).inc()
+            self.policy.forget_cache()
+
+    def _truth(self, flight: InFlight, converted: bool, at: float) -> None:
+        flight.truth_done = True
+        self.model.update_truth(flight.carrier, flight.key.country, converted, at)
+
+    def _fire(self, kind: str, flight: InFlight, due: float) -> None:
+        mc = self.config.message_classes[flight.message_class]
+        if kind == STALE:
+            if not flight.learner_done and flight.final_status is None:
+                flight.pending_counted = True
+                self.model.add_pending(flight.carrier, flight.key, 1.0)
+        elif kind == DEADLINE:
+            self._learn(flight, False, due, None)
+            self._check_change(flight, due)
+        elif kind == TRUTH:
+            if flight.final_status == "DELIVRD" and not flight.truth_done:
+                self._truth(flight, flight.converted, due)
+        elif kind == TIMEOUT and flight.final_status is None:
+            flight.final_status = "TIMEOUT"
+            self._learn(flight, False, due, None)
+            self._log_outcome(
+                flight,
+                "timeout",
+                due,
+                "TIMEOUT",
+                None,
+                None,
+                None,
+                round((due - flight.at) * 1000),
+            )
+        self._maybe_close(flight, mc, due)
+
+    def _maybe_close(self, flight: InFlight, mc: MessageClass, now: float | None = None) -> None:
+        now = self.clock if now is None else now
+        if flight.final_status is None or not flight.learner_done:
+            return
+        if flight.conversion_tenant and now < flight.at + mc.conversion_window_seconds:
+            return
+        self.inflight.pop(flight.decision_id, None)
+        self.recent.add(flight)
+        self.metrics.pending.set(len(self.inflight))
+
+    def _log_outcome(
+        self,
+        flight: InFlight,
+        event: str,
+        at: float,
+        status: str | None,
+        error_code: str | None,
+        cost: float | None,
+        currency: str | None,
+        latency_ms: int | None,
+    ) -> None:
+        row = {
+            "decision_id": flight.decision_id,
+            "at": from_epoch(at),
+            "event": event,
+            "status": status,
+            "error_code": error_code,
+            "cost": cost,
+            "currency": currency or (self._currency if cost is not None else None),
+            "latency_ms": latency_ms,
+            "carrier": flight.carrier,
+            "tenant": flight.tenant,
+        }
+        flight.events.append({**row, "at": row["at"].isoformat()})
+        if cost:
+            self.stats.spend += cost
+            self.metrics.spend.labels(flight.carrier, row["currency"]).inc(cost)
+        self.metrics.outcomes.labels(event, status or "").inc()
+        if self._log_outcome_row is not None:
+            self._log_outcome_row(row)
+
+    # ---- operators -------------------------------------------------------------------------
+
+    def pause(self, carrier_id: str, reason: str = "paused by an operator") -> None:
+        """Take a carrier out of every eligible set until resumed."""
+        with self._lock:
+            self._carrier(carrier_id)
+            self.eligibility.paused[carrier_id] = reason
+            self.metrics.paused.labels(carrier_id).set(1)
+            self.policy.forget_cache()
+
+    def resume(self, carrier_id: str) -> None:
+        """Put a paused carrier back."""
+        with self._lock:
+            self._carrier(carrier_id)
+            self.eligibility.paused.pop(carrier_id, None)
+            self.metrics.paused.labels(carrier_id).set(0)
+            self.policy.forget_cache()
+
+    def _carrier(self, carrier_id: str) -> None:
+        if carrier_id not in self.catalog.carriers:
+            raise UnknownCarrier(f"unknown carrier {carrier_id!r}", field="carrier")
+
+    def decision(self, decision_id: str) -> dict[str, Any]:
+        """A decision with its context, π, scores and outcomes so far: why this carrier."""
+        with self._lock:
+            flight = self._find(decision_id)
+            if flight is None:
+                raise UnknownDecision(f"decision {decision_id!r} is not known", field="decision_id")
+            rec = dict(flight.record)
+            rec["at"] = rec["at"].isoformat()
+            rec["state"] = {
+                "open": decision_id in self.inflight,
+                "learner_done": flight.learner_done,
+                "learner_success": flight.learner_success,
+                "final_status": flight.final_status,
+                "converted": flight.converted,
+            }
+            rec["why"] = [
+                {"carrier": c, "probability": p, "expected_utility": s}
+                for c, p, s in zip(
+                    rec["eligible"], rec["probabilities"], rec["scores"], strict=True
+                )
+            ]
+            rec["outcomes"] = list(flight.events)
+            return rec
+
+    def carriers(self, country: str | None = None) -> list[dict[str, Any]]:
+        """The catalog with live scores per carrier (and per country it covers)."""
+        with self._lock:
+            now = max(self.clock, 0.0)
+            out = []
+            for car in self.catalog.carriers.values():
+                countries = {}
+                for code, cov in sorted(car.coverage.items()):
+                    if country is not None and code != country:
+                        continue
+                    est = self.model.estimate(car.id, RouteKey(code, "", -1), now)
+                    countries[code] = {
+                        "price": cov.price,
+                        "operator_prices": dict(cov.operator_prices),
+                        "success_estimate": round(est.success_mean, 4),
+                        "evidence": round(est.alpha + est.beta, 1),
+                        "receipt_truth": round(est.truth, 4),
+                        "latency_s": round(est.latency_s, 2),
+                    }
+                overall = self.model.estimate(car.id, RouteKey("", "", -1), now)
+                self.metrics.success.labels(car.id).set(overall.success_mean)
+                out.append(
+                    {
+                        "id": car.id,
+                        "name": car.name,
+                        "billing": car.billing,
+                        "priority": car.priority,
+                        "throughput_mps": car.throughput_mps,
+                        "sender_types": sorted(car.sender_types),
+                        "paused": car.id in self.eligibility.paused,
+                        "pause_reason": self.eligibility.paused.get(car.id),
+                        "success_estimate": round(overall.success_mean, 4),
+                        "countries": countries,
+                        "recent_alarms": [a for a in self.model.alarms_ if a["carrier"] == car.id],
+                    }
+                )
+            return out
+
+    # ---- persistence -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: learned model, decisions in flight, pauses, clock."""
+        with self._lock:
+            return {
+                "format": 1,
+                "policy": self.policy_label,
+                "clock": self.clock,
+                "model": self.model.state_dict(),
+                "paused": dict(self.eligibility.paused),
+                "inflight": [f.to_state() for f in self.inflight.values()],
+                "recent": [f.to_state() for f in self.recent.values()[-20_000:]],
+                "stats": {k: getattr(self.stats, k) for k in self.stats.__slots__},
+            }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`; the model keeps this engine's configuration."""
+        if state.get("format") != 1:
+            raise ValueError("unsupported snapshot format")
+        with self._lock:
+            self.model = CarrierModel.from_state(state["model"], self.config.model)
+            self.policy.model = self.model
+            self.policy.forget_cache()
+            self.clock = float(state["clock"])
+            self.eligibility.paused = dict(state.get("paused", {}))
+            for k, v in state.get("stats", {}).items():
+                setattr(self.stats, k, v)
+            for d in state.get("recent", []):
+                self.recent.add(_restore_flight(d))
+            self.inflight.clear()
+            self.timers = Timers()
+            for d in state["inflight"]:
+                flight = _restore_flight(d)
+                self._track(flight, self.config.message_classes[flight.message_class])
+            for cid in self.eligibility.paused:
+                self.metrics.paused.labels(cid).set(1)
+
+
+def _restore_flight(d: Mapping[str, Any]) -> InFlight:
+    flight = InFlight.from_state(dict(d))
+    at = flight.record["at"]
+    if isinstance(at, str):
+        flight.record["at"] = datetime.fromisoformat(at)
+    return flight

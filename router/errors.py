@@ -1,0 +1,65 @@
+"""Errors the engine answers with: an HTTP status, a code, and a message naming the field."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class RoutingError(Exception):
+    """Base of every error a client can cause; nothing is learned or logged from it."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(
+        self, message: str, field: str | None = None, details: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.details = dict(details or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON error body."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field:
+            body["field"] = self.field
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class InvalidRequest(RoutingError):
+    """A field is present and well-typed but its value is not acceptable."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class NoEligibleCarrier(RoutingError):
+    """No carrier may take this message; `details` says why for each carrier."""
+
+    status = 422
+    code = "no_eligible_carrier"
+
+
+class UnknownDecision(RoutingError):
+    """An outcome or lookup names a decision the engine does not know."""
+
+    status = 404
+    code = "unknown_decision"
+
+
+class UnknownCarrier(RoutingError):
+    """A carrier id that is not in the catalog."""
+
+    status = 404
+    code = "unknown_carrier"
+
+
+class Forbidden(RoutingError):
+    """The tenant is not permitted to do this."""
+
+    status = 403
+    code = "forbidden"

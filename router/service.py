@@ -1,0 +1,160 @@
+"""The serving process: engine, decision log, MLflow run, snapshots and the event-time clock."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carriers.catalog import EXAMPLE_CATALOG, load_catalog
+from router.config import DEFAULT_POLICY_FILE, load_config
+from router.decision_log import DecisionLog
+from router.engine import EngineOptions, RoutingEngine
+from router.snapshot import read_snapshot, write_snapshot
+from router.tracking import ServingRun, default_artifact_location, default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceSettings:
+    """What `router serve` is started with."""
+
+    data_dir: Path = Path("data")
+    catalog: Path = EXAMPLE_CATALOG
+    policy_file: Path = DEFAULT_POLICY_FILE
+    policy: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = "sms-routing-serving"
+    mlflow: bool = True
+    seed: int | None = None
+    snapshot_seconds: float = 30.0
+    metrics_seconds: float = 60.0
+    log_max_rows: int = 50_000
+    log_max_age_seconds: float = 300.0
+    max_future_skew_seconds: float | None = 300.0
+    hmac_key: bytes | None = field(default=None, repr=False)
+
+
+def load_hmac_key(data_dir: Path) -> bytes:
+    """The key for phone-number HMACs: $ROUTER_HMAC_KEY, else a key file made on first start."""
+    env = os.environ.get("ROUTER_HMAC_KEY")
+    if env:
+        return env.encode()
+    path = data_dir / "hmac.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_hex(32).encode())
+    return path.read_bytes().strip()
+
+
+class RouterService:
+    """Owns one engine and everything around it; `tick()` is called periodically by the server."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = s = settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        catalog = load_catalog(s.catalog)
+        config = load_config(s.policy_file)
+        if s.policy and s.policy != config.policy:
+            config = config.with_policy(s.policy)
+        if s.seed is not None:
+            config = config.with_seed(s.seed)
+        self.run: ServingRun | None = None
+        self.log = DecisionLog(
+            s.data_dir / "decision_log",
+            max_rows=s.log_max_rows,
+            max_age_seconds=s.log_max_age_seconds,
+            on_roll=self._on_roll,
+        )
+        options = EngineOptions(
+            hmac_key=s.hmac_key or load_hmac_key(s.data_dir),
+            max_future_skew_seconds=s.max_future_skew_seconds,
+        )
+        self.engine = RoutingEngine(
+            catalog,
+            config,
+            options,
+            log_decision=self.log.log_decision,
+            log_outcome=self.log.log_outcome,
+        )
+        self.snapshot_path = s.data_dir / "state.json"
+        state = read_snapshot(self.snapshot_path)
+        if state is not None:
+            self.engine.load_state(state)
+            log.info(
+                "restored %d decisions in flight from %s",
+                len(self.engine.inflight),
+                self.snapshot_path,
+            )
+        self.tracking_uri = s.tracking_uri or default_tracking_uri(s.data_dir)
+        if s.mlflow:
+            self.run = ServingRun(
+                tracking_uri=self.tracking_uri,
+                experiment=s.experiment,
+                run_name=f"serve-{self.engine.policy_label}",
+                params={
+                    "policy": config.policy,
+                    "policy_version": self.engine.policy.version,
+                    **{f"policy.{k}": v for k, v in self.engine.policy.params().items()},
+                    **{f"model.{k}": v for k, v in vars(config.model).items()},
+                    "catalog": str(s.catalog),
+                    "catalog_version": catalog.version,
+                },
+                tags={"role": "serving"},
+                artifact_location=None if s.tracking_uri else default_artifact_location(s.data_dir),
+            )
+        now = time.monotonic()
+        self._anchor = (self.engine.clock, now)
+        self._last_snapshot = now
+        self._last_metrics = now
+        self._metrics_step = 0
+
+    def _on_roll(self, stream: str, path: Path) -> None:
+        if self.run is not None:
+            self.run.log_segment(path, stream)
+
+    def event_clock(self) -> float:
+        """Event time now: the latest event's time, moved on by the wall time since it came."""
+        anchor_event, anchor_mono = self._anchor
+        projected = anchor_event + (time.monotonic() - anchor_mono)
+        if self.engine.clock > projected or anchor_event <= 0:
+            self._anchor = (self.engine.clock, time.monotonic())
+            return self.engine.clock
+        return projected
+
+    def tick(self) -> None:
+        """Fire due timers, roll due log segments, snapshot and log metrics when due."""
+        clock = self.event_clock()
+        if clock > 0:
+            self.engine.advance(clock)
+        self.log.roll_due()
+        now = time.monotonic()
+        if now - self._last_snapshot >= self.settings.snapshot_seconds:
+            self.snapshot()
+        if self.run is not None and now - self._last_metrics >= self.settings.metrics_seconds:
+            self.log_metrics()
+
+    def snapshot(self) -> None:
+        """Write the engine's state to the snapshot file."""
+        write_snapshot(self.snapshot_path, self.engine.state_dict())
+        self._last_snapshot = time.monotonic()
+
+    def log_metrics(self) -> None:
+        """Send the serving totals to the MLflow run."""
+        self._last_metrics = time.monotonic()
+        if self.run is not None:
+            self._metrics_step += 1
+            self.run.log_metrics(self.engine.stats.metrics(), step=self._metrics_step)
+
+    def close(self) -> None:
+        """Flush everything: the open log segments, a last snapshot, the MLflow run."""
+        self.log.close()
+        self.snapshot()
+        if self.run is not None:
+            self.log_metrics()
+            self.run.close()
