@@ -143,12 +143,12 @@ class Policy(ABC):
             ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery
         )
         if len(arms) > 1:
-            if self.exploration_floor > 0:
-                probs = (1.0 - self.exploration_floor) * probs + self.exploration_floor / len(arms)
             if self.probes:
                 probe = self.model.probe_shares([a.carrier for a in arms], ctx.key.country, ctx.at)
                 if probe.any():
                     probs = (1.0 - probe.sum()) * probs + probe
+            if self.exploration_floor > 0:
+                probs = (1.0 - self.exploration_floor) * probs + self.exploration_floor / len(arms)
         return Distribution(probs / probs.sum(), scores)
 
     @abstractmethod

@@ -76,18 +76,26 @@ class TrafficDriver:
         heapq.heappush(self._heap, (at, self._seq, kind, item))
 
     def run_until(self, t_end: float = math.inf) -> None:
-        """Process everything due before `t_end`."""
-        batch: list[tuple[float, Any]] = []
-        kind = ""
+        """Process everything due before `t_end`.
+
+        With `batch_size` 1, items go one by one in exact event order. Otherwise each pass takes
+        everything due, routes the messages in batches, then reports the outcomes in batches: an
+        outcome may then reach the router up to one window after a later decision, which leaves
+        the learner's answers exact as long as windows are no longer than the classes' grace.
+        """
         while self._heap and self._heap[0][0] < t_end:
-            at, _, k, item = heapq.heappop(self._heap)
-            if batch and (k != kind or len(batch) >= self.batch_size):
-                self._flush(kind, batch)
-                batch = []
-            kind = k
-            batch.append((at, item))
-        if batch:
-            self._flush(kind, batch)
+            if self.batch_size == 1:
+                at, _, kind, item = heapq.heappop(self._heap)
+                self._flush(kind, [(at, item)])
+                continue
+            due: dict[str, list[tuple[float, Any]]] = {"msg": [], "outcome": []}
+            while self._heap and self._heap[0][0] < t_end:
+                at, _, kind, item = heapq.heappop(self._heap)
+                due[kind].append((at, item))
+            for kind in ("msg", "outcome"):
+                items = due[kind]
+                for i in range(0, len(items), self.batch_size):
+                    self._flush(kind, items[i:i + self.batch_size])
 
     def _flush(self, kind: str, batch: list[tuple[float, Any]]) -> None:
         if kind == "msg":
@@ -156,7 +164,8 @@ class TrafficDriver:
         for _, (did, ev) in batch:
             s, carrier = self._sent[did]
             sla = self.classes[s.msg.message_class].sla_seconds
-            if s.attempt == 1 and ev.status in RETRY_STATUSES and ev.at - s.msg.at < sla:
+            if (self.world.spec.traffic.retry and s.attempt == 1
+                    and ev.status in RETRY_STATUSES and ev.at - s.msg.at < sla):
                 self._push(ev.at + 0.5, "msg", _Send(s.index, s.msg, 2, did, (carrier,)))
 
     def frame(self) -> pd.DataFrame:

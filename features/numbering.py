@@ -141,6 +141,10 @@ class DestinationParser:
             raise InvalidNumber(f"number cannot be parsed: {exc._msg}") from None
         region = phonenumbers.region_code_for_number(num)
         if region is None or region == "001":
+            regions = phonenumbers.region_codes_for_country_code(num.country_code)
+            if regions and regions[0] not in ("ZZ", "001"):
+                raise InvalidNumber(f"number is not a valid number for country code "
+                                    f"+{num.country_code} ({'/'.join(regions)})")
             raise InvalidNumber(f"country code +{num.country_code} is not a known country")
         if not phonenumbers.is_valid_number(num):
             raise InvalidNumber(f"number is not a valid number in {region}")

@@ -38,7 +38,7 @@ class DemoOptions:
     workers: int = 4
     data_dir: Path = Path("data/demo")
     port: int = 0
-    window_seconds: float = 2.0
+    window_seconds: float = 5.0
     batch_size: int = 200
     keep_state: bool = False
     mlflow: bool = True
@@ -213,7 +213,9 @@ def _summarise(
         on="decision_id",
         how="left",
     )
-    table = Table(title="Per carrier and country", show_lines=False)
+    table = Table(title="Per carrier and destination: DLR ok = receipts said delivered, truly ok ="
+                  " delivered within SLA (simulator's ground truth), cost/ok = spend per DLR",
+                  show_lines=False)
     for col in (
         "carrier",
         "country",

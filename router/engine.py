@@ -223,6 +223,8 @@ class RoutingEngine:
                 flight = self.inflight.get(did)
                 if flight is not None:
                     self._fire(kind, flight, due)
+                elif kind == DEADLINE and (closed := self.recent.get(did)) is not None:
+                    self._check_change(closed, due)  # closed early by its receipt
 
     # ---- routing ---------------------------------------------------------------------------
 

@@ -1,0 +1,102 @@
+"""Shared fixtures: a real `router serve` process on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+# Event times used by API tests: fixed, in the past, so tests are reproducible.
+T0 = "2026-11-02T10:00:00+00:00"
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    """A running `router serve` subprocess and an HTTP client to it."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    data_dir: Path
+    log_path: Path
+    client: httpx.Client
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Stop the server with `sig` and wait for it to exit; returns its exit code."""
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        """What the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(data_dir: Path, *args: str, timeout: float = 90) -> LiveServer:
+    """Start `router serve` on a free port with `data_dir` and wait until /healthz answers."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = data_dir / f"server-{port}.log"
+    env = {**os.environ, "ROUTER_HMAC_KEY": "test-key", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "router.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--replay",
+        "--seed",
+        "1",
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=30)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log_path.read_text(errors='replace')}")
+        try:
+            if client.get("/healthz").status_code == 200:
+                return LiveServer(proc, url, data_dir, log_path, client)
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start in time")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One live server (with its own data dir and MLflow store) per test module."""
+    live = start_server(tmp_path_factory.mktemp("server"))
+    yield live
+    live.stop()
