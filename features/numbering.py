@@ -42,13 +42,20 @@ class OperatorDirectory:
     def __post_init__(self) -> None:
         by_mccmnc: dict[str, OperatorEntry] = {}
         by_alias: dict[tuple[str, str], str] = {}
+        mcc_country: dict[str, str] = {}
         for op in self.operators:
             for code in op.mccmnc:
                 by_mccmnc[code] = op
+                mcc_country[code[:3]] = op.country
             for alias in (op.name, *op.aliases):
                 by_alias[(op.country, alias.casefold())] = op.id
         object.__setattr__(self, "_by_mccmnc", by_mccmnc)
         object.__setattr__(self, "_by_alias", by_alias)
+        object.__setattr__(self, "_mcc_country", mcc_country)
+
+    def country_of_mcc(self, mccmnc: str) -> str | None:
+        """The country whose operators use this MCC (first three digits), if known."""
+        return self._mcc_country.get(mccmnc[:3])  # type: ignore[attr-defined]
 
     def by_mccmnc(self, mccmnc: str) -> OperatorEntry | None:
         """The operator owning an MCC-MNC code, if known."""
@@ -106,6 +113,11 @@ class DestinationParser:
     def _with_mccmnc(self, dest: Destination, mccmnc: str) -> Destination:
         _check_mccmnc(mccmnc)
         op = self.directory.by_mccmnc(mccmnc)
+        mcc_country = self.directory.country_of_mcc(mccmnc)
+        if op is None and mcc_country is not None and mcc_country != dest.country:
+            raise UnknownMccMnc(
+                f"mccmnc {mccmnc} has the MCC of {mcc_country}, but the number is in {dest.country}"
+            )
         if op is None:
             return Destination(
                 dest.e164,
@@ -131,20 +143,24 @@ class DestinationParser:
         if not to.startswith("+"):
             raise InvalidNumber("number must be in E.164 form with a leading '+' and country code")
         digits = to[1:]
-        if not digits.isdigit():
+        if not (digits.isascii() and digits.isdigit()):
             raise InvalidNumber("number must contain only digits after the leading '+'")
         if not 8 <= len(digits) <= 15:
             raise InvalidNumber(f"number must have 8 to 15 digits, it has {len(digits)}")
         try:
             num = phonenumbers.parse(to, None)
         except phonenumbers.NumberParseException as exc:
+            if exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
+                raise InvalidNumber("the country code after '+' is not a known one") from None
             raise InvalidNumber(f"number cannot be parsed: {exc._msg}") from None
         region = phonenumbers.region_code_for_number(num)
         if region is None or region == "001":
             regions = phonenumbers.region_codes_for_country_code(num.country_code)
             if regions and regions[0] not in ("ZZ", "001"):
-                raise InvalidNumber(f"number is not a valid number for country code "
-                                    f"+{num.country_code} ({'/'.join(regions)})")
+                raise InvalidNumber(
+                    f"number is not a valid number for country code "
+                    f"+{num.country_code} ({'/'.join(regions)})"
+                )
             raise InvalidNumber(f"country code +{num.country_code} is not a known country")
         if not phonenumbers.is_valid_number(num):
             raise InvalidNumber(f"number is not a valid number in {region}")

@@ -12,7 +12,7 @@ import orjson
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from features import to_epoch
@@ -24,6 +24,16 @@ MAX_BATCH = 1000
 _ID = r"^[A-Za-z0-9_\-]{1,64}$"
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Number = Annotated[float, BeforeValidator(_not_bool)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -33,12 +43,12 @@ class RouteIn(_Body):
 
     to: str = Field(min_length=1, max_length=32, description="Destination in E.164, e.g. +7916…")
     message_class: str = Field("otp", min_length=1, max_length=32)
-    tenant: str | None = Field(None, max_length=64)
+    tenant: str | None = Field(None, min_length=1, max_length=64)
     sender_type: Literal["alphanumeric", "numeric", "shortcode"] = "alphanumeric"
-    segments: int = Field(1, ge=1, le=255)
+    segments: Int = Field(1, ge=1, le=255)
     mccmnc: str | None = Field(None, pattern=r"^\d{5,6}$")
     exclude: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
-    attempt: int = Field(1, ge=1, le=20)
+    attempt: Int = Field(1, ge=1, le=20)
     parent_decision_id: str | None = Field(None, pattern=_ID)
     at: AwareDatetime | None = Field(None, description="Event time (RFC 3339); default: now")
 
@@ -107,7 +117,7 @@ class OutcomeIn(_Body):
         "UNKNOWN, ACCEPTD, ENROUTE; submit: ACCEPTED or the error",
     )
     error_code: str | None = Field(None, max_length=32)
-    cost: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False)
+    cost: Number | None = Field(None, ge=0, le=1000, allow_inf_nan=False)
     currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
     at: AwareDatetime | None = None
 
@@ -221,7 +231,9 @@ def create_app(service: RouterService, tick_seconds: float = 0.5) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
         return _json({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code)
 
     errors: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 403, 404, 422)}

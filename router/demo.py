@@ -213,9 +213,11 @@ def _summarise(
         on="decision_id",
         how="left",
     )
-    table = Table(title="Per carrier and destination: DLR ok = receipts said delivered, truly ok ="
-                  " delivered within SLA (simulator's ground truth), cost/ok = spend per DLR",
-                  show_lines=False)
+    table = Table(
+        title="Per carrier and destination: DLR ok = receipts said delivered, truly ok ="
+        " delivered within SLA (simulator's ground truth), cost/ok = spend per DLR",
+        show_lines=False,
+    )
     for col in (
         "carrier",
         "country",

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import phonenumbers
+
 from bandit.model import CarrierModel, Observation, RouteKey
 from bandit.policies import Arm, DecisionContext, Policy, draw, fallback_order, make_policy
 from bandit.reward import MessageClass
@@ -53,6 +55,8 @@ from router.inflight import (
 from router.metrics import EngineMetrics
 
 SENDER_TYPES = ("alphanumeric", "numeric", "shortcode")
+PHONE_REGIONS = frozenset(phonenumbers.SUPPORTED_REGIONS)
+EARLIEST_EVENT = 946_684_800.0  # 2000-01-01T00:00Z: anything earlier is a client bug
 SUBMIT_OK = frozenset({"ACCEPTED", "OK", "ESME_ROK", "SUCCESS"})
 EVENTS = ("submit", "dlr", "conversion")
 
@@ -204,6 +208,10 @@ class RoutingEngine:
         wall = self.options.wall_clock()
         if at is None:
             return wall
+        if not at >= EARLIEST_EVENT:
+            raise InvalidRequest(
+                "timestamp is before 2000-01-01; event times must be real", field=field_name
+            )
         skew = self.options.max_future_skew_seconds
         if skew is not None and at > wall + skew:
             raise InvalidRequest(
@@ -289,7 +297,6 @@ class RoutingEngine:
             raise InvalidRequest("number is not a mobile number", field="to")
         if not tenant.may_send_to(dest.country):
             raise Forbidden(f"tenant {tenant.id} may not send to {dest.country}", field="tenant")
-        self.advance(now)
 
         carriers, why = self.eligibility.eligible(
             tenant, dest.country, dest.operator, req.sender_type, req.segments, now, req.exclude
@@ -302,6 +309,7 @@ class RoutingEngine:
                 + "; ".join(f"{c}: {r}" for c, r in why.items()),
                 details={"country": dest.country, "operator": dest.operator, "reasons": why},
             )
+        self.advance(now)  # only now: a rejected request must not move event time
         hour, weekday = local_hour_weekday(now, dest.timezone)
         key = RouteKey(dest.country, dest.operator, self.model.band_of(hour))
         arms = [
@@ -642,6 +650,8 @@ class RoutingEngine:
 
     def carriers(self, country: str | None = None) -> list[dict[str, Any]]:
         """The catalog with live scores per carrier (and per country it covers)."""
+        if country is not None and country not in PHONE_REGIONS:
+            raise InvalidRequest(f"unknown country code {country!r}", field="country")
         with self._lock:
             now = max(self.clock, 0.0)
             out = []

@@ -22,7 +22,10 @@ class RoutingError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON error body."""
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        message = self.message
+        if self.field and not message.startswith(self.field):
+            message = f"{self.field}: {message}"
+        body: dict[str, Any] = {"code": self.code, "message": message}
         if self.field:
             body["field"] = self.field
         if self.details:
