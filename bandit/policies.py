@@ -7,12 +7,14 @@ be simulated and evaluated offline the same way. A new policy is a subclass with
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import inspect
+import itertools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -42,12 +44,29 @@ class DecisionContext:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Distribution:
-    """π over the arms (sums to 1) and each arm's expected utility under the model's means."""
+    """π over the arms (sums to 1) and each arm's expected utility under the model's means.
+
+    Lists for the decision record, the cumulative sums for drawing and the arms' rank order
+    are computed once, so a cached π costs nothing more per decision.
+    """
 
     probabilities: np.ndarray
     scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        probs = [float(p) for p in self.probabilities]
+        object.__setattr__(self, "probability_list", probs)
+        object.__setattr__(self, "score_list", [float(s) for s in self.scores])
+        object.__setattr__(self, "cumulative", list(itertools.accumulate(probs)))
+        order = np.lexsort((-self.scores, -self.probabilities))
+        object.__setattr__(self, "rank", [int(i) for i in order])
+
+    probability_list: list[float] = field(init=False, repr=False)
+    score_list: list[float] = field(init=False, repr=False)
+    cumulative: list[float] = field(init=False, repr=False)
+    rank: list[int] = field(init=False, repr=False)
 
 
 def expected_utility(
@@ -76,7 +95,7 @@ def arm_prices(arms: Sequence[Arm], segments: int) -> tuple[np.ndarray, np.ndarr
 
 
 def sample_beta(
-    alpha: np.ndarray, beta: np.ndarray, n: int, rng: np.random.Generator, exact_below: float = 30.0
+    alpha: np.ndarray, beta: np.ndarray, n: int, rng: np.random.Generator, exact_below: float = 10.0
 ) -> np.ndarray:
     """(n × arms) posterior draws: exact Beta for thin posteriors, Normal for concentrated ones.
 
@@ -93,11 +112,10 @@ def sample_beta(
     return np.clip(p, 0.0, 1.0, out=p)
 
 
-def draw(probabilities: np.ndarray, rng: np.random.Generator) -> int:
-    """Index drawn from `probabilities`: the logged propensity is exactly probabilities[index]."""
-    u = rng.random()
-    idx = int(np.searchsorted(np.cumsum(probabilities), u, side="right"))
-    return min(idx, len(probabilities) - 1)
+def draw(dist: Distribution, rng: np.random.Generator) -> int:
+    """Index drawn from π: the logged propensity is exactly dist.probabilities[index]."""
+    cum = dist.cumulative
+    return bisect.bisect_right(cum, rng.random() * cum[-1])  # < cum[-1]: never a zero-mass arm
 
 
 def draw_many(probabilities: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -108,30 +126,53 @@ def draw_many(probabilities: np.ndarray, n: int, rng: np.random.Generator) -> np
 
 def fallback_order(dist: Distribution, chosen: int) -> list[int]:
     """The other arms, most probable first, ties broken by expected utility."""
-    order = np.lexsort((-dist.scores, -dist.probabilities))
-    return [int(i) for i in order if i != chosen]
+    return [i for i in dist.rank if i != chosen]
 
 
 class Policy(ABC):
-    """Base class: parameters in `__init__`, learned state in the shared `CarrierModel`."""
+    """Base class: parameters in `__init__`, learned state in the shared `CarrierModel`.
+
+    π is recomputed at most every `cache_seconds` of event time per context; the carrier is
+    then drawn from π, so the propensity is exact whatever π's own sampling error.
+    """
 
     name: ClassVar[str]
     probes: ClassVar[bool] = False  # learners probe routes whose rate dropped; baselines do not
 
     def __init__(
-        self, model: CarrierModel, seed: int | None = None, exploration_floor: float = 0.0
+        self,
+        model: CarrierModel,
+        seed: int | None = None,
+        exploration_floor: float = 0.0,
+        cache_seconds: float = 1.0,
     ) -> None:
         if not 0.0 <= exploration_floor < 1.0:
             raise ValueError("exploration_floor must be in [0, 1)")
         self.model = model
         self.seed = seed
         self.exploration_floor = exploration_floor
+        self.cache_seconds = cache_seconds
         self.rng = np.random.default_rng(seed)
+        self._cache: dict[tuple[Any, ...], tuple[float, Distribution]] = {}
 
     def distribution(self, ctx: DecisionContext, arms: Sequence[Arm]) -> Distribution:
-        """π(·|x) over `arms`, with the exploration floor mixed in."""
+        """π(·|x) over `arms`, from the cache when it is fresh in event time."""
         if not arms:
             raise ValueError("no arms to choose from")
+        if self.cache_seconds <= 0:
+            return self._distribution(ctx, arms)
+        key = (ctx.key, ctx.message_class.name, ctx.segments, tuple(arms))
+        hit = self._cache.get(key)
+        if hit is not None and 0.0 <= ctx.at - hit[0] < self.cache_seconds:
+            return hit[1]
+        dist = self._distribution(ctx, arms)
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[key] = (ctx.at, dist)
+        return dist
+
+    def _distribution(self, ctx: DecisionContext, arms: Sequence[Arm]) -> Distribution:
+        """π(·|x) computed afresh, with probes and the exploration floor mixed in."""
         alpha, beta, ratio, latency = self.model.estimates(
             [a.carrier for a in arms], ctx.key, ctx.at
         )
@@ -177,8 +218,9 @@ class Policy(ABC):
         blob = json.dumps([self.params(), vars(self.model.config)], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
-    def forget_cache(self) -> None:  # noqa: B027 - optional hook, most policies cache nothing
-        """Drop anything derived from prices or eligibility (after a catalog reload)."""
+    def forget_cache(self) -> None:
+        """Drop cached π (after a change alarm, a pause, a catalog reload)."""
+        self._cache.clear()
 
 
 def _one_hot(k: int, i: int) -> np.ndarray:
@@ -188,11 +230,7 @@ def _one_hot(k: int, i: int) -> np.ndarray:
 
 
 class ThompsonSampling(Policy):
-    """Thompson sampling on utility; π is the share of posterior draws each carrier wins.
-
-    π is recomputed at most every `cache_seconds` of event time per context; the carrier is
-    then drawn from π, so the propensity is exact whatever the Monte-Carlo error in π.
-    """
+    """Thompson sampling on utility; π is the share of posterior draws each carrier wins."""
 
     name = "thompson"
     probes = True
@@ -202,29 +240,13 @@ class ThompsonSampling(Policy):
         model: CarrierModel,
         seed: int | None = None,
         exploration_floor: float = 0.02,
-        n_samples: int = 256,
+        n_samples: int = 128,
         cache_seconds: float = 1.0,
     ) -> None:
-        super().__init__(model, seed, exploration_floor)
+        super().__init__(model, seed, exploration_floor, cache_seconds)
         if n_samples < 1:
             raise ValueError("n_samples must be >= 1")
         self.n_samples = n_samples
-        self.cache_seconds = cache_seconds
-        self._cache: dict[tuple[Any, ...], tuple[float, Distribution]] = {}
-
-    def distribution(self, ctx: DecisionContext, arms: Sequence[Arm]) -> Distribution:
-        """π(·|x), from the cache when it is fresh in event time."""
-        if self.cache_seconds <= 0:
-            return super().distribution(ctx, arms)
-        key = (ctx.key, ctx.message_class.name, ctx.segments, tuple(arms))
-        hit = self._cache.get(key)
-        if hit is not None and 0.0 <= ctx.at - hit[0] < self.cache_seconds:
-            return hit[1]
-        dist = super().distribution(ctx, arms)
-        if len(self._cache) > 50_000:
-            self._cache.clear()
-        self._cache[key] = (ctx.at, dist)
-        return dist
 
     def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
         k = len(arms)
@@ -234,9 +256,6 @@ class ThompsonSampling(Policy):
         utility = expected_utility(p, ratio, latency, price, on_delivery, ctx.message_class)
         wins = np.bincount(utility.argmax(axis=1), minlength=k)
         return wins / self.n_samples
-
-    def forget_cache(self) -> None:
-        self._cache.clear()
 
 
 class EpsilonGreedy(Policy):
@@ -251,8 +270,9 @@ class EpsilonGreedy(Policy):
         seed: int | None = None,
         exploration_floor: float = 0.0,
         epsilon: float = 0.1,
+        cache_seconds: float = 1.0,
     ) -> None:
-        super().__init__(model, seed, exploration_floor)
+        super().__init__(model, seed, exploration_floor, cache_seconds)
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError("epsilon must be in [0, 1]")
         self.epsilon = epsilon
@@ -292,14 +312,17 @@ class Uniform(Policy):
 
 
 class RoundRobin(Policy):
-    """Rotation over the eligible carriers per destination; π is one-hot on the next in turn."""
+    """Rotation over the eligible carriers per destination; π is one-hot on the next in turn.
+
+    π changes with every message, so it is never cached.
+    """
 
     name = "round_robin"
 
     def __init__(
         self, model: CarrierModel, seed: int | None = None, exploration_floor: float = 0.0
     ) -> None:
-        super().__init__(model, seed, exploration_floor)
+        super().__init__(model, seed, exploration_floor, cache_seconds=0.0)
         self._turn: dict[tuple[Any, ...], int] = {}
 
     def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):

@@ -162,9 +162,10 @@ class DestinationParser:
                     f"+{num.country_code} ({'/'.join(regions)})"
                 )
             raise InvalidNumber(f"country code +{num.country_code} is not a known country")
-        if not phonenumbers.is_valid_number(num):
+        kind = phonenumbers.number_type(num)  # UNKNOWN iff invalid (is_valid_number's own test)
+        if kind == PhoneNumberType.UNKNOWN:
             raise InvalidNumber(f"number is not a valid number in {region}")
-        is_mobile = phonenumbers.number_type(num) in _MOBILE_TYPES
+        is_mobile = kind in _MOBILE_TYPES
         operator = self.directory.by_carrier_name(region, carrier.name_for_number(num, "en"))
         return Destination(
             e164=phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164),

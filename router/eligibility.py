@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from carriers.catalog import Carrier, Catalog, Tenant
+
+_StaticKey = tuple[str, str, str, str, tuple[str, ...]]
 
 
 @dataclass
@@ -30,24 +32,29 @@ class TokenBucket:
 
 @dataclass
 class Eligibility:
-    """Filters the catalog's carriers for one message and says why each one was left out."""
+    """Filters the catalog's carriers for one message and says why each one was left out.
+
+    What depends only on the catalog and the request (coverage, permissions, sender type,
+    exclusions) is cached per context; pauses and capacity are checked for every message.
+    """
 
     catalog: Catalog
     paused: dict[str, str] = field(default_factory=dict)
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    _static: dict[_StaticKey, tuple[list[Carrier], dict[str, str]]] = field(
+        default_factory=dict, repr=False
+    )
 
-    def reasons(
-        self,
+    @staticmethod
+    def static_reason(
         carrier: Carrier,
         tenant: Tenant,
         country: str,
         operator: str,
         sender_type: str,
-        segments: int,
-        now: float,
         exclude: Collection[str],
     ) -> str | None:
-        """Why `carrier` cannot take the message, or None if it can."""
+        """Why `carrier` can never take such a message, or None."""
         if carrier.id in exclude:
             return "excluded by the request"
         cov = carrier.coverage.get(country)
@@ -59,12 +66,42 @@ class Eligibility:
             return f"tenant {tenant.id} may not use this carrier"
         if sender_type not in carrier.sender_types:
             return f"sender type {sender_type} not supported"
+        return None
+
+    def live_reason(self, carrier: Carrier, segments: int, now: float) -> str | None:
+        """Why `carrier` cannot take a message right now (paused, at capacity), or None."""
         if carrier.id in self.paused:
             return f"paused: {self.paused[carrier.id]}"
         bucket = self.bucket(carrier)
         if bucket is not None and bucket.available(now) < segments:
             return f"at capacity ({carrier.throughput_mps:g} parts/s)"
         return None
+
+    def _static_split(
+        self,
+        tenant: Tenant,
+        country: str,
+        operator: str,
+        sender_type: str,
+        exclude: Collection[str],
+    ) -> tuple[list[Carrier], dict[str, str]]:
+        key = (tenant.id, country, operator, sender_type, tuple(exclude))
+        cached = self._static.get(key)
+        if cached is None:
+            ok: list[Carrier] = []
+            why: dict[str, str] = {}
+            for carrier in self.catalog.carriers.values():
+                reason = self.static_reason(
+                    carrier, tenant, country, operator, sender_type, exclude
+                )
+                if reason is None:
+                    ok.append(carrier)
+                else:
+                    why[carrier.id] = reason
+            if len(self._static) > 100_000:
+                self._static.clear()
+            cached = self._static[key] = (ok, why)
+        return cached
 
     def eligible(
         self,
@@ -77,16 +114,20 @@ class Eligibility:
         exclude: Collection[str] = (),
     ) -> tuple[list[Carrier], dict[str, str]]:
         """(eligible carriers in catalog order, {carrier: reason} for the others)."""
+        static_ok, static_why = self._static_split(tenant, country, operator, sender_type, exclude)
         ok: list[Carrier] = []
-        why: dict[str, str] = {}
-        for carrier in self.catalog.carriers.values():
-            reason = self.reasons(
-                carrier, tenant, country, operator, sender_type, segments, now, exclude
-            )
+        why = static_why
+        for carrier in static_ok:
+            reason = self.live_reason(carrier, segments, now)
             if reason is None:
                 ok.append(carrier)
             else:
+                if why is static_why:
+                    why = dict(static_why)
                 why[carrier.id] = reason
+        if len(ok) < len(static_ok) or why is not static_why:
+            order = list(self.catalog.carriers)
+            why = dict(sorted(why.items(), key=lambda kv: order.index(kv[0])))
         return ok, why
 
     def bucket(self, carrier: Carrier) -> TokenBucket | None:
@@ -103,7 +144,3 @@ class Eligibility:
         b = self.bucket(carrier)
         if b is not None:
             b.take(now, segments)
-
-    def state(self) -> Mapping[str, str]:
-        """Paused carriers and their reasons (for snapshots)."""
-        return dict(self.paused)

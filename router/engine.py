@@ -322,13 +322,13 @@ class RoutingEngine:
             for c in carriers
         ]
         dist = self.policy.distribution(DecisionContext(key, mc, req.segments, now), arms)
-        idx = draw(dist.probabilities, self.policy.rng)
+        idx = draw(dist, self.policy.rng)
         arm = arms[idx]
         self.eligibility.consume(carriers[idx], req.segments, now)
 
         decision_id = uuid.UUID(int=self._ids.getrandbits(128), version=4).hex
         fallbacks = [arms[i].carrier for i in fallback_order(dist, idx)]
-        propensity = float(dist.probabilities[idx])
+        propensity = dist.probability_list[idx]
         context = {
             "country": dest.country,
             "operator": dest.operator,
@@ -351,8 +351,8 @@ class RoutingEngine:
             "attempt": req.attempt,
             "parent_decision_id": req.parent_decision_id,
             "eligible": [a.carrier for a in arms],
-            "probabilities": [float(p) for p in dist.probabilities],
-            "scores": [float(s) for s in dist.scores],
+            "probabilities": dist.probability_list,
+            "scores": dist.score_list,
             "carrier": arm.carrier,
             "propensity": propensity,
             "fallbacks": fallbacks,
@@ -377,7 +377,7 @@ class RoutingEngine:
         self._track(flight, mc)
         if self._log_decision is not None:
             self._log_decision(record)
-        self.metrics.decisions.labels(arm.carrier, dest.country).inc()
+        self.metrics.child(self.metrics.decisions, arm.carrier, dest.country).inc()
         self.stats.decisions += 1
         return RouteDecision(
             decision_id, arm.carrier, fallbacks, propensity, self.policy_label, context, now
@@ -390,10 +390,13 @@ class RoutingEngine:
             t + mc.sla_seconds * self.config.pending_stale_fraction, STALE, flight.decision_id
         )
         self.timers.push(t + mc.learner_deadline_seconds, DEADLINE, flight.decision_id)
-        if flight.conversion_tenant:
-            self.timers.push(t + mc.conversion_window_seconds, TRUTH, flight.decision_id)
-        self.timers.push(t + mc.dlr_timeout_seconds, TIMEOUT, flight.decision_id)
         self.metrics.pending.set(len(self.inflight))
+
+    def _track_late(self, flight: InFlight, mc: MessageClass) -> None:
+        """Timers only a decision still open at its deadline needs (most close before)."""
+        if flight.conversion_tenant:
+            self.timers.push(flight.at + mc.conversion_window_seconds, TRUTH, flight.decision_id)
+        self.timers.push(flight.at + mc.dlr_timeout_seconds, TIMEOUT, flight.decision_id)
 
     # ---- outcomes --------------------------------------------------------------------------
 
@@ -521,9 +524,13 @@ class RoutingEngine:
         self.model.update(Observation(flight.carrier, flight.key, success, at, latency))
         self.stats.learned += 1
         self.stats.learned_success += int(success)
-        self.metrics.learned.labels(flight.carrier, "success" if success else "failure").inc()
+        result = "success" if success else "failure"
+        self.metrics.child(self.metrics.learned, flight.carrier, result).inc()
 
     def _check_change(self, flight: InFlight, due: float) -> None:
+        if flight.change_checked:
+            return
+        flight.change_checked = True
         obs = Observation(flight.carrier, flight.key, bool(flight.learner_success), due)
         if self.model.check_change(obs, flight.at):
             self.stats.alarms += 1
@@ -542,7 +549,9 @@ class RoutingEngine:
                 self.model.add_pending(flight.carrier, flight.key, 1.0)
         elif kind == DEADLINE:
             self._learn(flight, False, due, None)
-            self._check_change(flight, due)
+            if not flight.change_checked:  # a restored decision has had its deadline already
+                self._check_change(flight, due)
+                self._track_late(flight, mc)
         elif kind == TRUTH:
             if flight.final_status == "DELIVRD" and not flight.truth_done:
                 self._truth(flight, flight.converted, due)
@@ -597,8 +606,8 @@ class RoutingEngine:
         flight.events.append({**row, "at": row["at"].isoformat()})
         if cost:
             self.stats.spend += cost
-            self.metrics.spend.labels(flight.carrier, row["currency"]).inc(cost)
-        self.metrics.outcomes.labels(event, status or "").inc()
+            self.metrics.child(self.metrics.spend, flight.carrier, row["currency"]).inc(cost)
+        self.metrics.child(self.metrics.outcomes, event, status or "").inc()
         if self._log_outcome_row is not None:
             self._log_outcome_row(row)
 
@@ -722,7 +731,10 @@ class RoutingEngine:
             self.timers = Timers()
             for d in state["inflight"]:
                 flight = _restore_flight(d)
-                self._track(flight, self.config.message_classes[flight.message_class])
+                mc = self.config.message_classes[flight.message_class]
+                self._track(flight, mc)
+                if flight.change_checked:
+                    self._track_late(flight, mc)
             for cid in self.eligibility.paused:
                 self.metrics.paused.labels(cid).set(1)
 

@@ -41,6 +41,7 @@ class InFlight:
     delivered_at: float | None = None
     converted: bool = False
     truth_done: bool = False
+    change_checked: bool = False
 
     def to_state(self) -> dict[str, Any]:
         """JSON-ready form for snapshots."""

@@ -418,7 +418,7 @@ def test_make_policy_errors() -> None:
         make_policy("nope", model)
     with pytest.raises(ValueError, match=r"'thompson' has no parameter\(s\) \['n_sample'\]"):
         make_policy("thompson", model, n_sample=10)
-    with pytest.raises(ValueError, match=r"\['epsilon', 'exploration_floor'\]"):
+    with pytest.raises(ValueError, match=r"\['cache_seconds', 'epsilon', 'exploration_floor'\]"):
         make_policy("epsilon_greedy", model, eps=0.1)
     with pytest.raises(ValueError, match="exploration_floor"):
         make_policy("uniform", model, exploration_floor=1.0)
@@ -442,7 +442,8 @@ def test_draw_frequencies_match_probabilities(probs: list[float]) -> None:
     p = np.asarray(probs)
     n = 100_000
     rng = np.random.default_rng(2024)
-    counts = np.bincount([draw(p, rng) for _ in range(n)], minlength=len(p))
+    dist = Distribution(p, np.zeros(len(p)))
+    counts = np.bincount([draw(dist, rng) for _ in range(n)], minlength=len(p))
     batch = np.bincount(draw_many(p, n, np.random.default_rng(7)), minlength=len(p))
     for c in (counts, batch):
         assert c.sum() == n
@@ -456,7 +457,7 @@ def test_draw_frequencies_match_probabilities(probs: list[float]) -> None:
 def test_draw_never_picks_a_zero_probability_arm() -> None:
     rng = np.random.default_rng(1)
     p = np.array([0.0, 0.5, 0.0, 0.5, 0.0])
-    idx = {draw(p, rng) for _ in range(5000)}
+    idx = {draw(Distribution(p, np.zeros(len(p))), rng) for _ in range(5000)}
     assert idx == {1, 3}
     assert set(draw_many(p, 5000, rng).tolist()) == {1, 3}
 

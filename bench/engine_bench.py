@@ -1,0 +1,254 @@
+"""Benchmark of the routing engine: in-process and over HTTP. Run: `make bench` or
+`.venv/bin/python bench/engine_bench.py [--quick]`.
+
+Reports medians over repeats, and ratios against peers measured in the same run (the `uniform`
+policy, which draws without posterior sampling; the server's no-op `/healthz`), so the figures
+can be read on a noisy shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from carriers.catalog import load_catalog
+from experiments.world import World, load_scenario
+from router.config import load_config
+from router.decision_log import DecisionLog
+from router.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
+
+T0 = 1_793_602_800.0  # 2026-11-02T07:00Z
+
+
+def _requests(n: int, rate: float, seed: int = 0) -> list[RouteRequest]:
+    """A realistic mix: ten countries, four tenants, numbers with operators, `rate` per second."""
+    catalog = load_catalog()
+    world = World(load_scenario("demo"), catalog)
+    rng = np.random.default_rng(seed)
+    countries = list(world.numbers)
+    weights = np.array([world.spec.traffic.countries[c] for c in countries])
+    weights /= weights.sum()
+    reqs = []
+    for i in range(n):
+        country = countries[rng.choice(len(countries), p=weights)]
+        to, mccmnc = world.numbers[country][int(rng.integers(len(world.numbers[country])))]
+        tenant = "acme" if country in ("IN", "BR", "NG", "ID", "KE", "US") else "default"
+        reqs.append(
+            RouteRequest(to, "otp", tenant, "alphanumeric", 1, mccmnc, (), 1, None, T0 + i / rate)
+        )
+    return reqs
+
+
+def _engine(policy: str, log_dir: Path | None) -> RoutingEngine:
+    config = load_config()
+    if policy != config.policy:
+        config = config.with_policy(policy)
+    log = DecisionLog(log_dir) if log_dir else None
+    return RoutingEngine(
+        load_catalog(),
+        config.with_seed(1),
+        EngineOptions(max_future_skew_seconds=None),
+        log_decision=log.log_decision if log else None,
+        log_outcome=log.log_outcome if log else None,
+    )
+
+
+def bench_single(policy: str, reqs: list[RouteRequest], log_dir: Path | None) -> dict:
+    """Per-decision latency of `engine.route`, warm caches (numbers parsed once before)."""
+    engine = _engine(policy, log_dir)
+    for r in reqs[:2000]:
+        engine.route(r)
+    lat = np.empty(len(reqs) - 2000)
+    for i, r in enumerate(reqs[2000:]):
+        t = time.perf_counter_ns()
+        engine.route(r)
+        lat[i] = time.perf_counter_ns() - t
+    return {
+        "p50_us": np.percentile(lat, 50) / 1e3,
+        "p99_us": np.percentile(lat, 99) / 1e3,
+        "per_s": 1e9 / lat.mean(),
+    }
+
+
+def bench_batch(
+    policy: str, reqs: list[RouteRequest], log_dir: Path | None, size: int = 1000
+) -> dict:
+    """Decisions per second through `engine.route_batch`."""
+    engine = _engine(policy, log_dir)
+    engine.route_batch(reqs[:2000])
+    rest = reqs[2000:]
+    t = time.perf_counter()
+    for i in range(0, len(rest), size):
+        engine.route_batch(rest[i : i + size])
+    return {"per_s": len(rest) / (time.perf_counter() - t)}
+
+
+def bench_outcomes(reqs: list[RouteRequest], log_dir: Path | None) -> dict:
+    """Outcome events per second (a submit and a DELIVRD receipt per decision), in lists of 500."""
+    engine = _engine("thompson", log_dir)
+    decisions = [engine.route(r) for r in reqs]
+    events = []
+    for d in decisions:
+        events.append(OutcomeEvent(d.decision_id, "submit", at=d.at + 0.2))
+        events.append(OutcomeEvent(d.decision_id, "dlr", "DELIVRD", at=d.at + 4.0))
+    events.sort(key=lambda e: e.at)
+    t = time.perf_counter()
+    for i in range(0, len(events), 500):
+        engine.record_outcomes(events[i : i + 500])
+    return {"per_s": len(events) / (time.perf_counter() - t)}
+
+
+# ---- HTTP ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--replay",
+            "--no-mlflow",
+            "--seed",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, "ROUTER_HMAC_KEY": "bench"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+def _client(args: tuple[str, str, list[dict], int, float]) -> list[float]:
+    """One client process: `path` requests with bodies, latencies in seconds."""
+    url, path, bodies, batch, seconds = args
+    lat = []
+    end = time.monotonic() + seconds
+    with httpx.Client(base_url=url, timeout=30) as c:
+        i = 0
+        while time.monotonic() < end and i < len(bodies):
+            body = bodies[i] if batch == 0 else bodies[i : i + batch]
+            t = time.perf_counter()
+            r = c.get(path) if path == "/healthz" else c.post(path, json=body)
+            lat.append(time.perf_counter() - t)
+            if r.status_code != 200:
+                raise RuntimeError(r.text)
+            i += max(batch, 1)
+    return lat
+
+
+def bench_http(reqs: list[RouteRequest], clients: int, seconds: float) -> dict:
+    """Decisions per second and latency over HTTP, `clients` processes against one worker."""
+    from router.client import _request_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = _start_server(Path(tmp))
+        try:
+            bodies = [_request_json(r) for r in reqs]
+            parts = [bodies[k::clients] for k in range(clients)]
+            out = {}
+            with mp.get_context("spawn").Pool(clients) as pool:
+                for name, path, batch in (
+                    ("healthz", "/healthz", 0),
+                    ("single", "/v1/route", 0),
+                    ("batch100", "/v1/route/batch", 100),
+                ):
+                    t = time.perf_counter()
+                    lats = pool.map(_client, [(url, path, p, batch, seconds) for p in parts])
+                    elapsed = time.perf_counter() - t
+                    flat = np.array([x for lst in lats for x in lst])
+                    n = len(flat) * max(batch, 1)
+                    out[name] = {
+                        "per_s": n / elapsed,
+                        "p50_ms": np.percentile(flat, 50) * 1e3,
+                        "p99_ms": np.percentile(flat, 99) * 1e3,
+                    }
+            return out
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+def main() -> None:
+    """Run everything and print a table of medians."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    n = 8_000 if args.quick else 40_000
+    repeats = 1 if args.quick else args.repeats
+    reqs = _requests(n, rate=200.0)
+    print(
+        f"machine: {os.cpu_count()} cores; {n:,} requests, 200/s of event time, "
+        f"{repeats} repeats (medians)"
+    )
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for policy in ("thompson", "uniform"):
+                for logged in (False, True):
+                    log_dir = Path(tmp) / f"{policy}-{logged}-{r}" if logged else None
+                    key = f"{policy}{' +log' if logged else ''}"
+                    results.setdefault(f"single {key}", []).append(
+                        bench_single(policy, reqs, log_dir)
+                    )
+                    log_dir = Path(tmp) / f"b{policy}-{logged}-{r}" if logged else None
+                    results.setdefault(f"batch {key}", []).append(
+                        bench_batch(policy, reqs, log_dir)
+                    )
+            results.setdefault("outcomes +log", []).append(
+                bench_outcomes(reqs[: n // 2], Path(tmp) / f"o{r}")
+            )
+    for name, runs in results.items():
+        cols = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+        print(f"{name:28s} " + "  ".join(f"{k} {v:>10,.1f}" for k, v in cols.items()))
+    for clients in (2, 4):
+        http = bench_http(reqs, clients=clients, seconds=5 if args.quick else 10)
+        for name, v in http.items():
+            print(
+                f"http {name:10s} {clients} clients  per_s {v['per_s']:>9,.0f}  "
+                f"p50 {v['p50_ms']:.2f} ms  p99 {v['p99_ms']:.2f} ms"
+            )
+        print(
+            f"http single / healthz ratio ({clients} clients): "
+            f"{http['single']['per_s'] / http['healthz']['per_s']:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
