@@ -122,6 +122,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _uncapped_catalog(folder: Path) -> Path:
+    """The example catalog with throughput caps raised 100x: load tests measure the decision
+    path, not the carriers' caps (which would rightly answer 'at capacity')."""
+    import yaml
+
+    from carriers.catalog import EXAMPLE_CATALOG
+
+    raw = yaml.safe_load(EXAMPLE_CATALOG.read_text())
+    for carrier in raw["carriers"]:
+        carrier["throughput_mps"] = carrier.get("throughput_mps", 100) * 100
+    path = folder / "catalog.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def _start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen(
@@ -140,6 +155,8 @@ def _start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
             "1",
             "--log-level",
             "warning",
+            "--catalog",
+            str(_uncapped_catalog(data_dir)),
         ],
         env={**os.environ, "ROUTER_HMAC_KEY": "bench"},
         cwd=Path(__file__).resolve().parents[1],
@@ -204,6 +221,73 @@ def bench_http(reqs: list[RouteRequest], clients: int, seconds: float) -> dict:
             proc.wait(timeout=60)
 
 
+_WRK_LUA = """
+local bodies = {%s}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("%s", "%s", {["Content-Type"] = "application/json"}, bodies[(i %% #bodies) + 1])
+end
+"""
+
+
+def _wrk(url: str, method: str, path: str, bodies: list[str], seconds: int, conns: int) -> dict:
+    """Drive the server with wrk (C, one thread) and parse requests/s and latency percentiles."""
+    import re
+    import shutil
+
+    if shutil.which("wrk") is None:
+        return {}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
+        fh.write(_WRK_LUA % (",".join(f"[==[{b}]==]" for b in bodies) or '""', method, path))
+        script = fh.name
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", script, f"{url}{path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(script)
+    unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        return float(m.group(1)) * unit[m.group(2)] if m else float("nan")
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "req_per_s": rps,
+        "p50_ms": pct("50"),
+        "p99_ms": pct("99"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
+
+
+def bench_wrk(reqs: list[RouteRequest], seconds: int) -> dict:
+    """One uvicorn worker under wrk: no-op /healthz (the peer), single and batched decisions."""
+    import json
+
+    from router.client import _request_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = _start_server(Path(tmp))
+        try:
+            bodies = [  # wall time, not `at`: wrk replays the bodies in a loop
+                {k: v for k, v in _request_json(r).items() if k != "at"} for r in reqs[:5000]
+            ]
+            singles = [json.dumps(b) for b in bodies]
+            batches = [json.dumps(bodies[i : i + 100]) for i in range(0, 5000, 100)]
+            return {
+                "healthz": _wrk(url, "GET", "/healthz", [""], seconds, 16),
+                "single": _wrk(url, "POST", "/v1/route", singles, seconds, 16),
+                "batch100": _wrk(url, "POST", "/v1/route/batch", batches, seconds, 4),
+            }
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
 def main() -> None:
     """Run everything and print a table of medians."""
     ap = argparse.ArgumentParser()
@@ -237,7 +321,21 @@ def main() -> None:
     for name, runs in results.items():
         cols = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
         print(f"{name:28s} " + "  ".join(f"{k} {v:>10,.1f}" for k, v in cols.items()))
-    for clients in (2, 4):
+    wrk = bench_wrk(reqs, seconds=5 if args.quick else 10)
+    for name, v in wrk.items():
+        if v:
+            per = v["req_per_s"] * (100 if name == "batch100" else 1)
+            print(
+                f"wrk {name:9s} 1 worker  req/s {v['req_per_s']:>8,.0f}  decisions/s "
+                f"{per if name != 'healthz' else 0:>9,.0f}  p50 {v['p50_ms']:.2f} ms  "
+                f"p99 {v['p99_ms']:.2f} ms  non-2xx {v['non_2xx']}"
+            )
+    if wrk.get("single"):
+        print(
+            f"wrk single / healthz ratio: "
+            f"{wrk['single']['req_per_s'] / wrk['healthz']['req_per_s']:.2f}"
+        )
+    for clients in (2,):
         http = bench_http(reqs, clients=clients, seconds=5 if args.quick else 10)
         for name, v in http.items():
             print(

@@ -95,7 +95,7 @@ class TrafficDriver:
             for kind in ("msg", "outcome"):
                 items = due[kind]
                 for i in range(0, len(items), self.batch_size):
-                    self._flush(kind, items[i:i + self.batch_size])
+                    self._flush(kind, items[i : i + self.batch_size])
 
     def _flush(self, kind: str, batch: list[tuple[float, Any]]) -> None:
         if kind == "msg":
@@ -164,8 +164,12 @@ class TrafficDriver:
         for _, (did, ev) in batch:
             s, carrier = self._sent[did]
             sla = self.classes[s.msg.message_class].sla_seconds
-            if (self.world.spec.traffic.retry and s.attempt == 1
-                    and ev.status in RETRY_STATUSES and ev.at - s.msg.at < sla):
+            if (
+                self.world.spec.traffic.retry
+                and s.attempt == 1
+                and ev.status in RETRY_STATUSES
+                and ev.at - s.msg.at < sla
+            ):
                 self._push(ev.at + 0.5, "msg", _Send(s.index, s.msg, 2, did, (carrier,)))
 
     def frame(self) -> pd.DataFrame:
