@@ -99,7 +99,7 @@ class CarrierModel:
     cusum_: dict[Key, list[float]] = field(default_factory=dict)
     children_: dict[Key, set[Key]] = field(default_factory=lambda: defaultdict(set))
     alarms_: list[dict[str, Any]] = field(default_factory=list)
-    tripped_: dict[Key, float] = field(default_factory=dict)
+    tripped_: dict[Key, list[float]] = field(default_factory=dict)  # [since, rate before]
     updates_: int = 0
 
     # ---- keys ----------------------------------------------------------------------------
@@ -217,11 +217,12 @@ class CarrierModel:
             st[2:7] = ref
             return False
         direction, level = alarm
-        self._forget(route, obs.at, p0, level, direction)
         if direction == "drop":
-            self.tripped_[route] = obs.at
-        else:
-            self.tripped_.pop(route, None)
+            self.tripped_[route] = [obs.at, p0]
+        elif route in self.tripped_:
+            # A recovery after a drop is most likely a return to the rate before it.
+            level = max(level, self.tripped_.pop(route)[1])
+        self._forget(route, obs.at, p0, level, direction)
         # The detector restarts armed, from the level the alarm points to.
         n0 = cfg.cusum_min_trials
         self.cusum_[route] = [0.0, 0.0, level * n0, n0, 0.0, 0.0, obs.at, obs.at]
@@ -235,8 +236,9 @@ class CarrierModel:
         if not self.tripped_:
             return out
         for i, c in enumerate(carriers):
-            since = self.tripped_.get((c, country))
-            if since is not None:
+            tripped = self.tripped_.get((c, country))
+            if tripped is not None:
+                since = tripped[0]
                 out[i] = cfg.probe_share * 0.5 ** (
                     max(0.0, now - since) / cfg.probe_half_life_seconds
                 )
@@ -311,7 +313,7 @@ class CarrierModel:
         model.truth_ = {tuple(k): list(v) for k, v in state["truth"]}
         model.cusum_ = {tuple(k): list(v) for k, v in state["cusum"]}
         model.alarms_ = list(state.get("alarms", []))
-        model.tripped_ = {tuple(k): v for k, v in state.get("tripped", [])}
+        model.tripped_ = {tuple(k): list(v) for k, v in state.get("tripped", [])}
         model.updates_ = int(state.get("updates", 0))
         for k in model.counts_:
             if len(k) >= 3:
