@@ -171,6 +171,39 @@ def test_leaves_a_collapsed_carrier(catalog: Catalog, tenant: str) -> None:
     assert run.minute(30) < alarms[0]["at"] < run.minute(35)
 
 
+def test_returns_to_a_recovered_carrier(catalog: Catalog) -> None:
+    """An outage from minute 20 to 35: the carrier's traffic comes back within minutes."""
+    spec = {**BEST, "name": "recovery", "duration_minutes": 60}
+    spec["events"] = [
+        {
+            "at_minute": 20,
+            "carrier": "globalprime",
+            "country": "DE",
+            "kind": "outage",
+            "minutes": 15,
+        }
+    ]
+    run = _play(catalog, spec, "thompson")
+    first = run.first
+    during = _share(
+        first[(first["at"] >= run.minute(25)) & (first["at"] < run.minute(35))], "globalprime"
+    )
+    after = _share(first[first["at"] >= run.minute(45)], "globalprime")
+    alarms = [
+        (round((a["at"] - run.minute(20)) / 60, 1), a["direction"])
+        for a in run.engine.model.alarms_
+        if a["carrier"] == "globalprime"
+    ]
+    print(
+        f"\n[recovery] globalprime share during the outage {during:.3f}, from 10 min after "
+        f"it ended {after:.3f}; alarms (minutes after the outage began) {alarms}"
+    )
+    assert during < 0.12
+    assert after > 0.85
+    assert [d for _, d in alarms] == ["drop", "rise"]
+    assert alarms[1][0] < 15 + 8  # the recovery is seen within 8 minutes
+
+
 # ---- c. the grey route --------------------------------------------------------------------
 
 GREY = {
