@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from experiments.world import World, load_scenario
 from router.config import load_config
 from router.decision_log import DecisionLog
 from router.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
+from tests.conftest import LiveServer, start_server
 
 T0 = 1_793_602_800.0  # 2026-11-02T07:00Z
 
@@ -114,14 +114,6 @@ def bench_outcomes(reqs: list[RouteRequest], log_dir: Path | None) -> dict:
 # ---- HTTP ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _uncapped_catalog(folder: Path) -> Path:
     """The example catalog with throughput caps raised 100x: load tests measure the decision
     path, not the carriers' caps (which would rightly answer 'at capacity')."""
@@ -137,38 +129,8 @@ def _uncapped_catalog(folder: Path) -> Path:
     return path
 
 
-def _start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "router.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--replay",
-            "--no-mlflow",
-            "--seed",
-            "1",
-            "--log-level",
-            "warning",
-            "--catalog",
-            str(_uncapped_catalog(data_dir)),
-        ],
-        env={**os.environ, "ROUTER_HMAC_KEY": "bench"},
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
+def _start_server(data_dir: Path) -> LiveServer:
+    return start_server(data_dir, "--no-mlflow", "--catalog", str(_uncapped_catalog(data_dir)))
 
 
 def _client(args: tuple[str, str, list[dict], int, float]) -> list[float]:
@@ -194,7 +156,8 @@ def bench_http(reqs: list[RouteRequest], clients: int, seconds: float) -> dict:
     from router.client import _request_json
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = _start_server(Path(tmp))
+        live = _start_server(Path(tmp))
+        url = live.url
         try:
             bodies = [_request_json(r) for r in reqs]
             parts = [bodies[k::clients] for k in range(clients)]
@@ -217,8 +180,7 @@ def bench_http(reqs: list[RouteRequest], clients: int, seconds: float) -> dict:
                     }
             return out
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            live.stop()
 
 
 _WRK_LUA = """
@@ -271,7 +233,8 @@ def bench_wrk(reqs: list[RouteRequest], seconds: int) -> dict:
     from router.client import _request_json
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = _start_server(Path(tmp))
+        live = _start_server(Path(tmp))
+        url = live.url
         try:
             bodies = [  # wall time, not `at`: wrk replays the bodies in a loop
                 {k: v for k, v in _request_json(r).items() if k != "at"} for r in reqs[:5000]
@@ -284,8 +247,7 @@ def bench_wrk(reqs: list[RouteRequest], seconds: int) -> dict:
                 "batch100": _wrk(url, "POST", "/v1/route/batch", batches, seconds, 4),
             }
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            live.stop()
 
 
 def main() -> None:

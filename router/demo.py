@@ -103,6 +103,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, obj
         seed=opts.seed,
         max_future_skew_seconds=None,
         snapshot_seconds=10,
+        metrics_seconds=10,
+        log_max_rows=10_000,
     )
     service = RouterService(settings)
     server = ServerThread(service, opts.port or free_port())

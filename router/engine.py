@@ -133,6 +133,7 @@ class ServingStats:
             "decisions": self.decisions,
             "success_within_sla_rate": self.learned_success / self.learned if self.learned else 0,
             "delivered": self.delivered,
+            "dlr_delivery_rate": self.delivered / self.decisions if self.decisions else 0.0,
             "spend": self.spend,
             "cost_per_delivered": self.spend / self.delivered if self.delivered else 0.0,
             "no_eligible": self.no_eligible,

@@ -53,8 +53,11 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(data_dir: Path, *args: str, timeout: float = 90) -> LiveServer:
-    """Start `router serve` on a free port with `data_dir` and wait until /healthz answers."""
+def launch_server(data_dir: Path, *args: str, replay: bool = True) -> LiveServer:
+    """Start `router serve` on a free port with `data_dir`; returns at once (see `wait_ready`).
+
+    `replay` accepts event times far from the wall clock (the tests' fixed T0).
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = data_dir / f"server-{port}.log"
@@ -68,30 +71,46 @@ def start_server(data_dir: Path, *args: str, timeout: float = 90) -> LiveServer:
         str(port),
         "--data-dir",
         str(data_dir),
-        "--replay",
         "--seed",
         "1",
         "--log-level",
         "warning",
         *args,
     ]
+    if replay:
+        cmd.append("--replay")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
     url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=30)
+    return LiveServer(proc, url, data_dir, log_path, httpx.Client(base_url=url, timeout=30))
+
+
+def wait_ready(live: LiveServer, timeout: float = 90) -> LiveServer:
+    """Wait until the server's /healthz answers."""
     deadline = time.monotonic() + timeout
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text(errors='replace')}")
+        if live.proc.poll() is not None:
+            raise RuntimeError(f"server exited: {live.output()}")
         try:
-            if client.get("/healthz").status_code == 200:
-                return LiveServer(proc, url, data_dir, log_path, client)
+            if live.client.get("/healthz").status_code == 200:
+                return live
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            proc.kill()
+            live.proc.kill()
             raise RuntimeError("server did not start in time")
         time.sleep(0.1)
+
+
+def start_server(data_dir: Path, *args: str, replay: bool = True) -> LiveServer:
+    """Start `router serve` and wait until it answers."""
+    return wait_ready(launch_server(data_dir, *args, replay=replay))
 
 
 @pytest.fixture(scope="module")

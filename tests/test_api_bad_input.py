@@ -10,10 +10,6 @@ before it changed the decision/outcome counters, the decision log, or leaked a p
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +21,7 @@ import httpx
 import orjson
 import pyarrow.parquet as pq
 import pytest
-from conftest import T0, LiveServer, free_port
+from conftest import T0, LiveServer, launch_server, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
 T_EARLY = "2026-11-02T09:59:50+00:00"  # 10 s before the decisions made at T0
@@ -550,53 +546,10 @@ def assert_nothing_on_disk(data_dir: Path) -> None:
 # ---- servers -----------------------------------------------------------------------------------
 
 
-def launch_without_replay(data_dir: Path) -> LiveServer:
-    """Start `router serve` WITHOUT --replay (so the future-skew check is on); not yet ready."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = data_dir / f"server-{port}.log"
-    env = {**os.environ, "ROUTER_HMAC_KEY": "test-key", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "router.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-        "--no-mlflow",
-        "--seed",
-        "1",
-        "--log-level",
-        "warning",
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    return LiveServer(proc, url, data_dir, log_path, httpx.Client(base_url=url, timeout=30))
-
-
-def wait_ready(live: LiveServer, timeout: float = 60) -> LiveServer:
-    """Wait until /healthz answers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if live.proc.poll() is not None:
-            raise RuntimeError(f"server exited: {live.output()}")
-        try:
-            if live.client.get("/healthz").status_code == 200:
-                return live
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("server did not start in time")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def now_launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The non-replay server, launched early so it starts while the main one does."""
-    live = launch_without_replay(tmp_path_factory.mktemp("server-no-replay"))
+    live = launch_server(tmp_path_factory.mktemp("server-no-replay"), "--no-mlflow", replay=False)
     yield live
     live.stop()
 
