@@ -56,6 +56,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from experiments.runner import UnknownPolicy, parse_policies, run_experiment, write_results
+    from experiments.world import ScenarioError
+
+    try:
+        common = (parse_policies(args.policies), args.seed, Path(args.out), args.tracking_uri)
+        if args.action == "run":
+            run_experiment(args.scenario, *common)
+        else:
+            write_results(Path(args.results), *common)
+    except (ScenarioError, UnknownPolicy) as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     p = argparse.ArgumentParser(prog="router", description="Adaptive SMS routing engine.")
@@ -98,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-mlflow", action="store_true")
     demo.add_argument("--seed", type=int, default=1)
     demo.set_defaults(func=_demo)
+
+    exp = sub.add_parser("experiment", help="simulated policy comparisons, to MLflow")
+    exp_sub = exp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    exp_run = exp_sub.add_parser("run", help="every policy and the oracle on one scenario")
+    exp_run.add_argument("scenario", help="a shipped scenario name or a scenario file")
+    exp_res = exp_sub.add_parser("results", help="every shipped scenario, to a Markdown table")
+    exp_res.add_argument("--results", default="experiments/RESULTS.md", help="file to write")
+    for action in (exp_run, exp_res):
+        action.add_argument(
+            "--policies",
+            default="thompson,cheapest,static,uniform,round_robin,epsilon_greedy",
+            help="comma-separated policy names (the oracle always plays)",
+        )
+        action.add_argument("--seed", type=int, default=1)
+        action.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in --out)")
+        action.add_argument("--out", default="data/experiments", help="decision logs, MLflow")
+    exp.set_defaults(func=_experiment)
     return p
 
 

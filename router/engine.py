@@ -185,6 +185,7 @@ class RoutingEngine:
         self._ids = random.Random(config.seed)
         self._lock = threading.RLock()
         self._currency = self.options.currency or catalog.currency
+        self.metrics.pending.set_function(lambda: len(self.inflight))
 
     # ---- identity --------------------------------------------------------------------------
 
@@ -391,7 +392,6 @@ class RoutingEngine:
             t + mc.sla_seconds * self.config.pending_stale_fraction, STALE, flight.decision_id
         )
         self.timers.push(t + mc.learner_deadline_seconds, DEADLINE, flight.decision_id)
-        self.metrics.pending.set(len(self.inflight))
 
     def _track_late(self, flight: InFlight, mc: MessageClass) -> None:
         """Timers only a decision still open at its deadline needs (most close before)."""
@@ -579,7 +579,6 @@ class RoutingEngine:
             return
         self.inflight.pop(flight.decision_id, None)
         self.recent.add(flight)
-        self.metrics.pending.set(len(self.inflight))
 
     def _log_outcome(
         self,
