@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 
 from bandit.reward import MessageClass
+from carriers.catalog import Catalog
 from experiments.world import Message, World
+from router.eligibility import Eligibility
 from router.engine import OutcomeEvent, RouteDecision, RouteRequest, RoutingEngine
 from router.errors import RoutingError
 
@@ -56,6 +58,7 @@ class TrafficDriver:
         messages: Sequence[tuple[int, Message]],
         seed: int = 0,
         batch_size: int = 1,
+        controls: Sequence[tuple[float, Callable[[], None]]] = (),
     ) -> None:
         self.router = router
         self.world = world
@@ -68,6 +71,8 @@ class TrafficDriver:
         self._heap: list[tuple[float, int, str, Any]] = []
         self._seq = 0
         self._sent: dict[str, tuple[_Send, str]] = {}
+        for at, apply in controls:
+            self._push(at, "control", apply)
         for i, m in messages:
             self._push(m.at, "msg", _Send(i, m, 1, None, ()))
 
@@ -88,11 +93,11 @@ class TrafficDriver:
                 at, _, kind, item = heapq.heappop(self._heap)
                 self._flush(kind, [(at, item)])
                 continue
-            due: dict[str, list[tuple[float, Any]]] = {"msg": [], "outcome": []}
+            due: dict[str, list[tuple[float, Any]]] = {"control": [], "msg": [], "outcome": []}
             while self._heap and self._heap[0][0] < t_end:
                 at, _, kind, item = heapq.heappop(self._heap)
                 due[kind].append((at, item))
-            for kind in ("msg", "outcome"):
+            for kind in ("control", "msg", "outcome"):
                 items = due[kind]
                 for i in range(0, len(items), self.batch_size):
                     self._flush(kind, items[i : i + self.batch_size])
@@ -100,8 +105,11 @@ class TrafficDriver:
     def _flush(self, kind: str, batch: list[tuple[float, Any]]) -> None:
         if kind == "msg":
             self._route(batch)
-        else:
+        elif kind == "outcome":
             self._report(batch)
+        else:
+            for _, apply in batch:
+                apply()
 
     def _route(self, batch: list[tuple[float, _Send]]) -> None:
         reqs = [
@@ -137,6 +145,7 @@ class TrafficDriver:
             msg = Message(
                 at, s.msg.to, s.msg.country, s.msg.mccmnc, s.msg.tenant, s.msg.message_class
             )
+            operator = answer.context["operator"]
             events, truth = self.world.send(answer.carrier, msg, answer.context["local_hour"], rng)
             self._sent[answer.decision_id] = (s, answer.carrier)
             sla = self.classes[s.msg.message_class].sla_seconds
@@ -151,6 +160,9 @@ class TrafficDriver:
                     "latency_s": truth.latency_s,
                     "converted": truth.converted,
                     "success": truth.delivered and (truth.latency_s or 0.0) <= sla,
+                    "operator": operator,
+                    "cost": self.world.cost(answer.carrier, msg, operator, events),
+                    "receipt": next((e.status for e in events if e.event == "dlr"), None),
                 }
             )
             for ev in events:
@@ -184,7 +196,11 @@ def play(
     progress: Callable[[int, int], None] | None = None,
     chunk_seconds: float = 60.0,
 ) -> pd.DataFrame:
-    """Run the scenario through an in-process engine, exactly in event order."""
+    """Run the scenario through an in-process engine, exactly in event order.
+
+    The scenario's new carriers are paused in the engine until they arrive, and its price
+    changes replace the engine's catalog when they take effect.
+    """
     messages = world.messages(np.random.default_rng([world.spec.seed, 1]))
     driver = TrafficDriver(
         engine,
@@ -193,6 +209,7 @@ def play(
         list(enumerate(messages)),
         seed=seed,
         batch_size=1,
+        controls=[(at, _control(engine, world, at, kind, c)) for at, kind, c in world.controls()],
     )
     t = world.start
     while t < world.end:
@@ -203,3 +220,26 @@ def play(
     driver.run_until()
     engine.advance(world.end + 48 * 3600)
     return driver.frame()
+
+
+def _control(
+    engine: RoutingEngine, world: World, at: float, kind: str, carrier: str
+) -> Callable[[], None]:
+    """The action that tells the engine of a scripted change at `at`."""
+    if kind == "pause":
+        return lambda: engine.pause(carrier, "not launched yet (scenario)")
+    if kind == "resume":
+        return lambda: engine.resume(carrier)
+    return lambda: replace_catalog(engine, world.catalog_at(at))
+
+
+def replace_catalog(engine: RoutingEngine, catalog: Catalog) -> None:
+    """Give a running engine a new catalog (prices), keeping pauses and throughput buckets.
+
+    A workaround until the engine offers this itself: it swaps the catalog and the eligibility
+    rules built on it, and drops cached π.
+    """
+    old = engine.eligibility
+    engine.catalog = catalog
+    engine.eligibility = Eligibility(catalog, paused=old.paused, buckets=old.buckets)
+    engine.policy.forget_cache()

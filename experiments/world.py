@@ -7,8 +7,9 @@ user would produce, with the times they would arrive. Deterministic given the se
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,9 +18,9 @@ from typing import Any, Literal
 import numpy as np
 import phonenumbers
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from carriers.catalog import Catalog
+from carriers.catalog import Carrier, Catalog, Coverage
 from features import to_epoch
 
 SCENARIOS = Path(__file__).parent / "scenarios"
@@ -46,14 +47,29 @@ class RouteSpec(_Strict):
 
 
 class EventSpec(_Strict):
-    """A scripted change: an outage, a degradation or a price change on one route."""
+    """A scripted change on one route: an outage, a degradation, a price change, or a new
+    carrier (unavailable, i.e. paused in the engine, until `at_minute`)."""
 
     at_minute: float = Field(ge=0)
     carrier: str
     country: str | Literal["*"] = "*"
-    kind: Literal["outage", "degrade"]
+    kind: Literal["outage", "degrade", "price", "new_carrier"]
     minutes: float = Field(float("inf"), gt=0)
     deliver: float | None = Field(None, ge=0, le=1, description="delivery during a degrade")
+    price: float | None = Field(None, ge=0, description="price per part during a price change")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> EventSpec:
+        needs = {"degrade": "deliver", "price": "price"}.get(self.kind)
+        if needs is not None and getattr(self, needs) is None:
+            raise ValueError(f"a {self.kind} event needs {needs!r}")
+        if self.kind == "new_carrier" and (self.country != "*" or self.minutes != float("inf")):
+            raise ValueError("a new_carrier event takes neither country nor minutes")
+        return self
+
+    def active(self, minute: float) -> bool:
+        """Whether the event is in force `minute` minutes into the scenario."""
+        return self.at_minute <= minute < self.at_minute + self.minutes
 
 
 class TrafficSpec(_Strict):
@@ -83,8 +99,11 @@ class ScenarioSpec(_Strict):
     events: list[EventSpec] = Field(default_factory=list)
 
 
-def load_scenario(path: str | Path) -> ScenarioSpec:
-    """Load and validate a scenario (a path, or the name of a shipped scenario)."""
+def load_scenario(path: str | Path, catalog: Catalog | None = None) -> ScenarioSpec:
+    """Load and validate a scenario (a path, or the name of a shipped scenario).
+
+    With a catalog, carriers and countries are also checked against it.
+    """
     path = Path(path)
     if not path.exists() and (SCENARIOS / f"{path}.yaml").exists():
         path = SCENARIOS / f"{path}.yaml"
@@ -95,13 +114,35 @@ def load_scenario(path: str | Path) -> ScenarioSpec:
     except yaml.YAMLError as exc:
         raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
     try:
-        return ScenarioSpec.model_validate(raw)
+        spec = ScenarioSpec.model_validate(raw)
     except ValidationError as exc:
         msgs = [
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
             for e in exc.errors(include_input=False, include_url=False)
         ]
         raise ScenarioError(f"{path}: " + "; ".join(msgs)) from None
+    problems = catalog_problems(spec, catalog) if catalog is not None else []
+    if problems:
+        raise ScenarioError(f"{path}: " + "; ".join(problems))
+    return spec
+
+
+def catalog_problems(spec: ScenarioSpec, catalog: Catalog) -> list[str]:
+    """What in the scenario the catalog does not know, each naming the field."""
+    known = set(catalog.carriers)
+    problems = [f"routes.{c}: unknown carrier {c!r}" for c in spec.routes if c not in known]
+    problems += [
+        f"events.{i}.carrier: unknown carrier {e.carrier!r}"
+        for i, e in enumerate(spec.events)
+        if e.carrier not in known
+    ]
+    covered = set(catalog.countries())
+    problems += [
+        f"traffic.countries.{c}: no carrier covers {c}"
+        for c in spec.traffic.countries
+        if c not in covered
+    ]
+    return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,27 +192,79 @@ class World:
             self.numbers[country] = _number_pool(country, self.catalog, rng)
 
     def _check(self) -> None:
-        known = set(self.catalog.carriers)
-        for carrier in (*self.spec.routes, *(e.carrier for e in self.spec.events)):
-            if carrier not in known:
-                raise ScenarioError(f"scenario {self.spec.name}: unknown carrier {carrier!r}")
-        for country in self.spec.traffic.countries:
-            if country not in self.catalog.countries():
-                raise ScenarioError(f"scenario {self.spec.name}: no carrier covers {country}")
+        problems = catalog_problems(self.spec, self.catalog)
+        if problems:
+            raise ScenarioError(f"scenario {self.spec.name}: " + "; ".join(problems))
+
+    def minute(self, at: float) -> float:
+        """Minutes from the scenario's start to event time `at`."""
+        return (at - self.start) / 60
+
+    def _events(
+        self, carrier: str, country: str, at: float, kinds: tuple[str, ...]
+    ) -> Iterator[EventSpec]:
+        minute = self.minute(at)
+        for ev in self.spec.events:
+            if (
+                ev.kind in kinds
+                and ev.carrier == carrier
+                and ev.country in ("*", country)
+                and ev.active(minute)
+            ):
+                yield ev
+
+    def price(self, carrier: str, country: str, operator: str, at: float) -> float:
+        """The price per part the carrier really charges at `at`, after price changes."""
+        change = self._price_change(carrier, country, at)
+        if change is not None:
+            return change
+        return self.catalog.carriers[carrier].coverage[country].price_for(operator)
+
+    def catalog_at(self, at: float) -> Catalog:
+        """The catalog with the prices in force at `at` (what the engine must be told)."""
+        carriers = {
+            cid: _with_prices(car, {c: self._price_change(cid, c, at) for c in car.coverage})
+            for cid, car in self.catalog.carriers.items()
+        }
+        return dataclasses.replace(self.catalog, carriers=carriers)
+
+    def _price_change(self, carrier: str, country: str, at: float) -> float | None:
+        prices = [ev.price for ev in self._events(carrier, country, at, ("price",))]
+        return prices[-1] if prices else None
+
+    def controls(self) -> list[tuple[float, str, str]]:
+        """Changes the engine must be told of, in time order: (at, "pause"|"resume"|"catalog",
+        carrier). A new carrier is paused from the start until it arrives; a price change
+        (start and end) replaces the engine's catalog."""
+        out: list[tuple[float, str, str]] = []
+        for ev in self.spec.events:
+            at = self.start + 60 * ev.at_minute
+            if ev.kind == "new_carrier":
+                out += [(self.start, "pause", ev.carrier), (at, "resume", ev.carrier)]
+            elif ev.kind == "price":
+                out.append((at, "catalog", ev.carrier))
+                if math.isfinite(ev.minutes):
+                    out.append((at + 60 * ev.minutes, "catalog", ev.carrier))
+        return sorted(out)
+
+    def cost(self, carrier: str, msg: Message, operator: str, events: list[Outcome]) -> float:
+        """What sending `msg` really cost: billed on an accepted submit, or on a DELIVRD
+        receipt for carriers billing on delivery."""
+        on_delivery = self.catalog.carriers[carrier].billing == "delivery"
+        billed = ("dlr", "DELIVRD") if on_delivery else ("submit", "ACCEPTED")
+        if not any((e.event, e.status) == billed for e in events):
+            return 0.0
+        return self.price(carrier, msg.country, operator, msg.at)
 
     def route(self, carrier: str, country: str, at: float) -> RouteSpec:
         """The route's true behaviour at event time `at`, after scripted events."""
         by_country = self.spec.routes.get(carrier, {})
         spec = by_country.get(country) or by_country.get("*") or self.spec.defaults
-        minute = (at - self.start) / 60
-        for ev in self.spec.events:
-            if ev.carrier != carrier or ev.country not in ("*", country):
-                continue
-            if ev.at_minute <= minute < ev.at_minute + ev.minutes:
-                deliver = 0.0 if ev.kind == "outage" else (ev.deliver or 0.0)
-                spec = replace_spec(
-                    spec, deliver=deliver, no_dlr=0.9 if ev.kind == "outage" else spec.no_dlr
-                )
+        for ev in self._events(carrier, country, at, ("outage", "degrade")):
+            deliver = 0.0 if ev.kind == "outage" else (ev.deliver or 0.0)
+            spec = replace_spec(
+                spec, deliver=deliver, no_dlr=0.9 if ev.kind == "outage" else spec.no_dlr
+            )
         return spec
 
     def send(
@@ -245,6 +338,17 @@ class World:
 def replace_spec(spec: RouteSpec, **changes: Any) -> RouteSpec:
     """A copy of a route spec with some fields changed."""
     return spec.model_copy(update=changes)
+
+
+def _with_prices(carrier: Carrier, changes: Mapping[str, float | None]) -> Carrier:
+    """A carrier whose country prices (and operator prices there) are replaced where given."""
+    coverage = {
+        c: cov
+        if changes.get(c) is None
+        else Coverage(c, float(changes[c]), {}, cov.excluded_operators)
+        for c, cov in carrier.coverage.items()
+    }
+    return dataclasses.replace(carrier, coverage=coverage)
 
 
 def _weights(mix: Mapping[str, float]) -> tuple[list[str], np.ndarray]:

@@ -1,0 +1,123 @@
+"""Metrics of one simulated run, from the frame `play()` returns (one row per routing attempt).
+
+Everything is ground truth from the world (true delivery, latency, cost), except the
+DLR-reported delivery rate, which is what the receipts claimed. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from bandit.reward import MessageClass
+from experiments.world import World
+
+REACTION_SHARE = 0.10  # reacted: the failed route gets under this share of its traffic...
+REACTION_MIN_DECISIONS = 50  # ...over the rest of the outage, judged on at least this many
+
+
+def routed(frame: pd.DataFrame) -> pd.DataFrame:
+    """The attempts that got a carrier."""
+    return frame[frame["carrier"].notna()]
+
+
+def utilities(frame: pd.DataFrame, classes: Mapping[str, MessageClass]) -> pd.Series:
+    """True utility per attempt: value·success − cost − latency penalty (for delivered ones)."""
+    mc = frame["message_class"].map(classes)
+    value = mc.map(lambda c: c.value).astype(float)
+    sla = mc.map(lambda c: c.sla_seconds).astype(float)
+    rate = mc.map(lambda c: c.latency_penalty_per_second).astype(float)
+    latency = frame["latency_s"].astype(float).fillna(0.0).clip(upper=sla)
+    success = frame["success"].astype(bool)
+    return value * success - frame["cost"].astype(float) - rate * latency
+
+
+def run_metrics(
+    frame: pd.DataFrame, world: World, classes: Mapping[str, MessageClass]
+) -> dict[str, float]:
+    """Per-run metrics (every value finite, except a reaction time that never came: NaN)."""
+    df = routed(frame)
+    delivered = int(df["delivered"].sum())
+    conv = df[df["tenant"].map(world.catalog.conversion_tenants().__contains__)]
+    out = {
+        "messages": float(frame["index"].nunique()),
+        "attempts": float(len(df)),
+        "unrouted": float(len(frame) - len(df)),
+        "success_within_sla_rate": _rate(df.groupby("index")["success"].any()),
+        "attempt_success_rate": _rate(df["success"]),
+        "dlr_delivered_rate": _rate(df["receipt"] == "DELIVRD"),
+        "true_delivered_rate": _rate(df["delivered"]),
+        "cost_total": float(df["cost"].sum()),
+        "cost_per_delivered": float(df["cost"].sum()) / delivered if delivered else math.nan,
+        "utility": float(utilities(df, classes).sum()),
+        "conversion_rate": _rate(conv["converted"]),
+    }
+    reactions = reaction_times(frame, world)
+    if reactions:
+        out["outage_reaction_s"] = max(reactions.values())
+    return out
+
+
+def _rate(values: pd.Series) -> float:
+    return float(values.mean()) if len(values) else math.nan
+
+
+def regret(metrics: Mapping[str, float], oracle: Mapping[str, float]) -> dict[str, float]:
+    """Regret vs the oracle on the same traffic: absolute and % of the oracle's utility."""
+    absolute = oracle["utility"] - metrics["utility"]
+    return {"regret": absolute, "regret_pct": 100 * absolute / abs(oracle["utility"])}
+
+
+def reaction_times(frame: pd.DataFrame, world: World) -> dict[str, float]:
+    """Per outage ("carrier/country"): event seconds from its start until the failed route's
+    share of its country's first attempts, from then to the outage's end, is under
+    `REACTION_SHARE` (judged on at least `REACTION_MIN_DECISIONS`); NaN if it never is."""
+    first = routed(frame)
+    first = first[first["attempt"] == 1].sort_values("at")
+    out: dict[str, float] = {}
+    for ev in world.spec.events:
+        if ev.kind != "outage":
+            continue
+        start = world.start + 60 * ev.at_minute
+        end = min(world.end, start + 60 * ev.minutes)
+        countries = list(world.catalog.carriers[ev.carrier].coverage)
+        mine = first[first["country"].isin(countries if ev.country == "*" else [ev.country])]
+        mine = mine[(mine["at"] >= start) & (mine["at"] < end)]
+        to_failed = (mine["carrier"] == ev.carrier).to_numpy(dtype=float)
+        rest = np.arange(len(to_failed), 0, -1)
+        share_of_rest = np.cumsum(to_failed[::-1])[::-1] / rest
+        hits = np.flatnonzero((share_of_rest < REACTION_SHARE) & (rest >= REACTION_MIN_DECISIONS))
+        at = mine["at"].to_numpy()
+        out[f"{ev.carrier}/{ev.country}"] = float(at[hits[0]] - start) if hits.size else math.nan
+    return out
+
+
+def cumulative_regret(
+    frame: pd.DataFrame,
+    oracle: pd.DataFrame,
+    world: World,
+    classes: Mapping[str, MessageClass],
+    bin_seconds: float = 60.0,
+) -> pd.Series:
+    """Cumulative regret vs the oracle by event minute (utility summed per time bin)."""
+    edges = np.arange(world.start, world.end + bin_seconds, bin_seconds)
+
+    def per_bin(df: pd.DataFrame) -> np.ndarray:
+        df = routed(df)
+        sums, _ = np.histogram(df["at"], bins=edges, weights=utilities(df, classes))
+        return sums
+
+    minutes = (edges[1:] - world.start) / 60
+    return pd.Series(np.cumsum(per_bin(oracle) - per_bin(frame)), index=minutes, name="regret")
+
+
+def traffic_split(frame: pd.DataFrame, world: World, bin_seconds: float = 300.0) -> pd.DataFrame:
+    """Share of first attempts per carrier in each time bin (rows: bin start minute)."""
+    df = routed(frame)
+    df = df[df["attempt"] == 1]
+    minute = ((df["at"] - world.start) // bin_seconds * bin_seconds / 60).rename("minute")
+    counts = df.groupby([minute, df["carrier"]]).size().unstack(fill_value=0)
+    return counts.div(counts.sum(axis=1), axis=0)

@@ -1,0 +1,308 @@
+"""Policy comparisons on one scenario: every policy and the oracle play the same traffic and the
+same luck (common random numbers) through the engine's own decision code; each policy's run goes
+to MLflow (parameters, metrics, plots, its decision log), with a summary run over them all.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bandit.policies import POLICIES
+from carriers.catalog import Catalog, load_catalog
+from experiments.metrics import (
+    REACTION_MIN_DECISIONS,
+    REACTION_SHARE,
+    cumulative_regret,
+    regret,
+    run_metrics,
+    traffic_split,
+)
+from experiments.oracle import use_oracle
+from experiments.play import play
+from experiments.plots import plot_regret, plot_split
+from experiments.world import SCENARIOS, World, load_scenario
+from router.config import EngineConfig, load_config
+from router.decision_log import DecisionLog
+from router.engine import EngineOptions, RoutingEngine
+from router.tracking import default_artifact_location, default_tracking_uri
+
+BASELINES = ("thompson", "cheapest", "static", "uniform", "round_robin", "epsilon_greedy")
+ALIASES = {"ts": "thompson", "eg": "epsilon_greedy", "rr": "round_robin"}
+ORACLE = "oracle"
+SUMMARY_COLUMNS = {  # metric: short header for the printed and Markdown tables
+    "utility": "utility",
+    "regret": "regret",
+    "regret_pct": "regret %",
+    "success_within_sla_rate": "success in SLA",
+    "dlr_delivered_rate": "DLR delivered",
+    "cost_per_delivered": "cost/delivered",
+    "conversion_rate": "conversion",
+    "outage_reaction_s": "reaction s",
+}
+
+
+@dataclass
+class PolicyRun:
+    """One policy played through the scenario."""
+
+    policy: str
+    params: dict[str, Any]
+    version: str
+    frame: pd.DataFrame
+    log_dir: Path
+    metrics: dict[str, float]
+
+
+@dataclass
+class ExperimentResult:
+    """Every policy's run, the summary table and where MLflow has them."""
+
+    scenario: str
+    seed: int
+    runs: dict[str, PolicyRun]
+    summary: pd.DataFrame
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    run_ids: dict[str, str]
+
+
+class UnknownPolicy(ValueError):
+    """A policy name that is neither an engine policy nor an alias of one."""
+
+
+def parse_policies(text: str) -> list[str]:
+    """Policy names from a comma-separated list (aliases: ts, eg, rr); the oracle is implicit."""
+    names = [ALIASES.get(n.strip(), n.strip()) for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in POLICIES and n != ORACLE]
+    if unknown:
+        raise UnknownPolicy(f"unknown policy {unknown}; known: {', '.join(sorted(POLICIES))}")
+    return [n for n in dict.fromkeys(names) if n != ORACLE]
+
+
+def play_policy(
+    policy: str,
+    world: World,
+    config: EngineConfig,
+    seed: int,
+    log_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> PolicyRun:
+    """Play the world through a fresh engine serving `policy`, logging its decisions."""
+    if policy not in (ORACLE, config.policy):
+        config = config.with_policy(policy)
+    log = DecisionLog(log_dir)
+    engine = RoutingEngine(
+        world.catalog,
+        config.with_seed(seed),
+        EngineOptions(max_future_skew_seconds=None),
+        log_decision=log.log_decision,
+        log_outcome=log.log_outcome,
+    )
+    if policy == ORACLE:
+        use_oracle(engine, world, seed)
+    try:
+        frame = play(engine, world, seed=seed, progress=progress)
+    finally:
+        log.close()
+    metrics = run_metrics(frame, world, config.message_classes)
+    return PolicyRun(policy, engine.policy.params(), engine.policy.version, frame, log_dir, metrics)
+
+
+def run_experiment(
+    scenario: str | Path,
+    policies: Sequence[str] = BASELINES,
+    seed: int = 1,
+    out: Path = Path("experiments_out"),
+    tracking_uri: str | None = None,
+    catalog: Catalog | None = None,
+    config: EngineConfig | None = None,
+    console: Console | None = None,
+) -> ExperimentResult:
+    """Play the oracle and every policy on the scenario, log them to MLflow, print a summary."""
+    console = console or Console()
+    catalog = catalog or load_catalog()
+    config = config or load_config()
+    world = World(load_scenario(scenario, catalog), catalog)
+    name = world.spec.name
+    out = Path(out)
+    base = out / "runs" / name / f"seed{seed}-{time.strftime('%Y%m%dT%H%M%S')}"
+    runs: dict[str, PolicyRun] = {}
+    with _progress(console) as bar:
+        for policy in (ORACLE, *policies):
+            task = bar.add_task(policy, total=None)
+            runs[policy] = play_policy(
+                policy,
+                world,
+                config,
+                seed,
+                base / policy / "decision_log",
+                lambda done, total, t=task: bar.update(t, completed=done, total=max(done, total)),
+            )
+    for run in runs.values():
+        run.metrics.update(regret(run.metrics, runs[ORACLE].metrics))
+    summary = summary_table(runs)
+    uri = tracking_uri or default_tracking_uri(out)
+    ids = _log_to_mlflow(
+        MlflowClient(uri), world, seed, runs, summary, config, default_artifact_location(out)
+    )
+    console.print(_rich_table(summary, f"{name} (seed {seed}): {world.spec.description.strip()}"))
+    console.print(f"MLflow: {uri}, experiment {experiment_name(name)!r}")
+    return ExperimentResult(name, seed, runs, summary, uri, *ids)
+
+
+def experiment_name(scenario: str) -> str:
+    """The MLflow experiment of a scenario's comparisons."""
+    return f"sim-{scenario}"
+
+
+def summary_table(runs: Mapping[str, PolicyRun]) -> pd.DataFrame:
+    """One row per policy (oracle first) with the headline metrics."""
+    rows = {p: {c: r.metrics.get(c, math.nan) for c in SUMMARY_COLUMNS} for p, r in runs.items()}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("policy")
+
+
+def shipped_scenarios() -> list[str]:
+    """Names of the shipped scenarios (the demo's own scenario aside)."""
+    return sorted(p.stem for p in SCENARIOS.glob("*.yaml") if p.stem != "demo")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:>15}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _rich_table(summary: pd.DataFrame, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("policy")
+    for col in summary.columns:
+        table.add_column(SUMMARY_COLUMNS[col], justify="right")
+    for policy, row in summary.iterrows():
+        table.add_row(str(policy), *(_fmt(v) for v in row))
+    return table
+
+
+def _fmt(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:,.4g}"
+
+
+def _experiment(client: MlflowClient, name: str, artifact_location: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    if found.lifecycle_stage == "deleted":
+        client.restore_experiment(found.experiment_id)
+    return found.experiment_id
+
+
+def _log_to_mlflow(
+    client: MlflowClient,
+    world: World,
+    seed: int,
+    runs: Mapping[str, PolicyRun],
+    summary: pd.DataFrame,
+    config: EngineConfig,
+    artifact_location: str,
+) -> tuple[str, str, dict[str, str]]:
+    """One run per policy under a summary run; returns (experiment, summary run, policy runs)."""
+    name = world.spec.name
+    exp = _experiment(client, experiment_name(name), artifact_location)
+    tags = {"scenario": name, "seed": str(seed)}
+    parent = client.create_run(exp, run_name=f"summary seed={seed}", tags=tags).info.run_id
+    oracle = runs[ORACLE].frame
+    classes = config.message_classes
+    curves = {p: cumulative_regret(r.frame, oracle, world, classes) for p, r in runs.items()}
+    ids = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for policy, run in runs.items():
+            rid = client.create_run(
+                exp, run_name=policy, tags={**tags, "mlflow.parentRunId": parent}
+            ).info.run_id
+            params = {"policy": policy, "policy_version": run.version, "scenario": name}
+            params |= {"seed": seed, **{f"param.{k}": v for k, v in run.params.items()}}
+            _log_values(client, rid, params, run.metrics)
+            plots = Path(tmp) / policy
+            plot_regret({policy: curves[policy]}, plots / "cumulative_regret.png", policy)
+            split = traffic_split(run.frame, world)
+            plot_split(split, plots / "traffic_split.png", f"{policy}: traffic split")
+            client.log_artifacts(rid, str(plots), "plots")
+            client.log_artifacts(rid, str(run.log_dir), "decision_log")
+            client.set_terminated(rid)
+            ids[policy] = rid
+        csv = Path(tmp) / "summary.csv"
+        summary.to_csv(csv)
+        client.log_artifact(parent, str(csv))
+        client.log_artifact(
+            parent, str(plot_regret(curves, Path(tmp) / "cumulative_regret.png", name))
+        )
+    _log_values(client, parent, {"scenario": name, "seed": seed, "policies": ",".join(runs)}, {})
+    client.set_terminated(parent)
+    return exp, parent, ids
+
+
+def _log_values(
+    client: MlflowClient, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]
+) -> None:
+    """Params and the finite metrics of a run, in one batch."""
+    stamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items() if math.isfinite(v)],
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+    )
+
+
+def write_results(
+    path: Path,
+    policies: Sequence[str] = BASELINES,
+    seed: int = 1,
+    out: Path = Path("experiments_out"),
+    tracking_uri: str | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Run every shipped scenario and write the tables as Markdown (a generated file)."""
+    sections = [
+        "# Simulated policy comparisons",
+        "",
+        f"Generated by `router experiment results --seed {seed}`; do not edit by hand. Every "
+        "policy plays the same traffic with the same luck (common random numbers) through the "
+        "engine's decision code; the oracle knows the world's true parameters. Utility is "
+        "value·(delivered within SLA) − cost − latency penalty, summed over all attempts; regret "
+        "is the oracle's utility minus the policy's (% of the oracle's); outage reaction is "
+        "event seconds from the outage's start until the failed route's share of its country's "
+        f"traffic, from then to the outage's end, is under {REACTION_SHARE:.0%} (over at least "
+        f"{REACTION_MIN_DECISIONS} decisions; — when it never is, or there is no outage).",
+    ]
+    for scenario in shipped_scenarios():
+        result = run_experiment(scenario, policies, seed, out, tracking_uri, console=console)
+        spec = load_scenario(scenario)
+        sections += ["", f"## {scenario}", "", " ".join(spec.description.split()), ""]
+        sections.append(_markdown(result.summary))
+    path.write_text("\n".join(sections) + "\n", encoding="utf-8")
+    return path
+
+
+def _markdown(summary: pd.DataFrame) -> str:
+    head = ["policy", *(SUMMARY_COLUMNS[c] for c in summary.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for policy, row in summary.iterrows():
+        lines.append("| " + " | ".join([str(policy), *(_fmt(v) for v in row)]) + " |")
+    return "\n".join(lines)
