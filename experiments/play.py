@@ -19,9 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bandit.reward import MessageClass
-from carriers.catalog import Catalog
 from experiments.world import Message, World
-from router.eligibility import Eligibility
 from router.engine import OutcomeEvent, RouteDecision, RouteRequest, RoutingEngine
 from router.errors import RoutingError
 
@@ -230,16 +228,4 @@ def _control(
         return lambda: engine.pause(carrier, "not launched yet (scenario)")
     if kind == "resume":
         return lambda: engine.resume(carrier)
-    return lambda: replace_catalog(engine, world.catalog_at(at))
-
-
-def replace_catalog(engine: RoutingEngine, catalog: Catalog) -> None:
-    """Give a running engine a new catalog (prices), keeping pauses and throughput buckets.
-
-    A workaround until the engine offers this itself: it swaps the catalog and the eligibility
-    rules built on it, and drops cached π.
-    """
-    old = engine.eligibility
-    engine.catalog = catalog
-    engine.eligibility = Eligibility(catalog, paused=old.paused, buckets=old.buckets)
-    engine.policy.forget_cache()
+    return lambda: engine.replace_catalog(world.catalog_at(at))

@@ -629,6 +629,18 @@ class RoutingEngine:
             self.metrics.paused.labels(carrier_id).set(0)
             self.policy.forget_cache()
 
+    def replace_catalog(self, catalog: Catalog) -> None:
+        """Serve a new catalog version (prices, coverage, tenants): learned state, decisions in
+        flight, pauses and throughput buckets carry over; cached π is dropped."""
+        with self._lock:
+            old = self.eligibility
+            self.catalog = catalog
+            self.parser = DestinationParser(catalog.directory)
+            paused = {c: r for c, r in old.paused.items() if c in catalog.carriers}
+            self.eligibility = Eligibility(catalog, paused=paused, buckets=old.buckets)
+            self._currency = self.options.currency or catalog.currency
+            self.policy.forget_cache()
+
     def _carrier(self, carrier_id: str) -> None:
         if carrier_id not in self.catalog.carriers:
             raise UnknownCarrier(f"unknown carrier {carrier_id!r}", field="carrier")

@@ -84,3 +84,29 @@ def test_throughput_cap_moves_traffic_and_then_says_why(catalog: Catalog) -> Non
     # One second later the buckets have refilled.
     later = RouteRequest("+79031234567", tenant="default", segments=4, at=T0 + 1)
     assert engine.route(later).carrier == "globalprime"
+
+
+def test_replace_catalog_keeps_pauses_and_uses_new_prices(catalog: Catalog) -> None:
+    import yaml
+
+    from carriers.catalog import EXAMPLE_CATALOG, parse_catalog
+
+    engine = RoutingEngine(
+        catalog,
+        load_config().with_policy("cheapest").with_seed(1),
+        EngineOptions(max_future_skew_seconds=None),
+    )
+    req = RouteRequest("+4915112345678", at=T0)  # DE: budgetroute is the cheapest
+    assert engine.route(req).carrier == "budgetroute"
+    engine.pause("globalprime", "test")
+    raw = yaml.safe_load(EXAMPLE_CATALOG.read_text())
+    for carrier in raw["carriers"]:
+        if carrier["id"] == "eurodirect":
+            carrier["coverage"]["DE"]["price"] = 0.001
+            carrier["coverage"]["DE"]["operators"] = {}
+    raw["version"] = "2026-11-02"
+    engine.replace_catalog(parse_catalog(raw, "new"))
+    d = engine.route(RouteRequest("+4915112345678", at=T0 + 1))
+    assert d.carrier == "eurodirect"
+    assert "globalprime" not in d.fallbacks  # still paused
+    assert engine.decision(d.decision_id)["price"] == 0.001
