@@ -16,6 +16,7 @@ B Poisson-bootstrap replicates of the sums of z, so it streams and merges too.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -212,6 +213,15 @@ def _largest(values: np.ndarray, k: int) -> np.ndarray:
     return np.sort(values)[::-1]
 
 
+# Poisson(1) by inverse CDF over 2¹⁶ equally likely codes: twice as fast as rng.poisson; the
+# tail beyond P < 2⁻¹⁶ is cut (mean 0.9999, variance 0.9995).
+_POISSON_ONE = np.searchsorted(
+    np.cumsum([np.exp(-1.0) / math.factorial(k) for k in range(20)]) * 2**16,
+    np.arange(2**16),
+    side="right",
+).astype(float)
+
+
 @dataclass
 class Bootstrap:
     """Poisson bootstrap: B replicates of Σk and Σk·z, each row weighted by k ~ Poisson(1).
@@ -247,7 +257,7 @@ class Bootstrap:
             return self
         digest = hashlib.blake2b(np.ascontiguousarray(z).tobytes(), digest_size=8).digest()
         rng = np.random.default_rng([self.seed, int.from_bytes(digest, "little")])
-        k = rng.poisson(1.0, size=(self.n_replicates, len(z))).astype(float)
+        k = _POISSON_ONE[rng.integers(0, len(_POISSON_ONE), (self.n_replicates, len(z)), np.uint16)]
         self.sums[:, 0] += k.sum(axis=1)
         self.sums[:, 1:] += k @ z
         return self
