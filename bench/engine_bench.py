@@ -63,7 +63,7 @@ def _engine(policy: str, log_dir: Path | None) -> RoutingEngine:
     config = load_config()
     if policy != config.policy:
         config = config.with_policy(policy)
-    log = DecisionLog(log_dir) if log_dir else None
+    log = DecisionLog(log_dir, validate=False) if log_dir else None
     return RoutingEngine(
         load_catalog(),
         config.with_seed(1),

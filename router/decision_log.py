@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bandit.reward import MessageClass, reward_array
+from router.inflight import FINAL_DLR, SUBMIT_OK
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,6 @@ OUTCOME_SCHEMA = pa.schema(
     ]
 )
 
-FINAL_DLR_STATUSES = frozenset({"DELIVRD", "UNDELIV", "EXPIRED", "REJECTD", "DELETED", "UNKNOWN"})
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
@@ -97,6 +97,7 @@ class SegmentWriter:
         max_rows: int = 50_000,
         max_age_seconds: float = 300.0,
         on_roll: Callable[[Path], None] | None = None,
+        validate: bool = True,
     ) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
@@ -108,6 +109,7 @@ class SegmentWriter:
         self.max_rows = max_rows
         self.max_age_seconds = max_age_seconds
         self._on_roll = on_roll
+        self.validate = validate
         self._columns: list[str] = schema.names
         self._timestamps = [f.name for f in schema if pa.types.is_timestamp(f.type)]
         self._required = [f.name for f in schema if not f.nullable]
@@ -170,7 +172,16 @@ class SegmentWriter:
             return len(self._rows)
 
     def _encode(self, row: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
-        """Validate a row against the schema; return its journal form and journal line."""
+        """Validate a row against the schema; return its journal form and journal line.
+
+        With `validate` off (rows built by the engine itself) only the timestamps are converted:
+        the checks and JSON round trip cost more than the decision they log.
+        """
+        if not self.validate:
+            encoded = {name: row.get(name) for name in self._columns}
+            for name in self._timestamps:
+                encoded[name] = _to_micros("row", name, encoded[name])
+            return encoded, orjson.dumps(encoded, option=_JSON_OPTIONS)
         label = f"{self.directory.name} row"
         unknown = [name for name in row if name not in self._columns]
         if unknown:
@@ -295,6 +306,7 @@ class DecisionLog:
         max_rows: int = 50_000,
         max_age_seconds: float = 300.0,
         on_roll: Callable[[str, Path], None] | None = None,
+        validate: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self._writers = {
@@ -304,6 +316,7 @@ class DecisionLog:
                 max_rows=max_rows,
                 max_age_seconds=max_age_seconds,
                 on_roll=_bind_stream(on_roll, stream),
+                validate=validate,
             )
             for stream, schema in ((DECISIONS, DECISION_SCHEMA), (OUTCOMES, OUTCOME_SCHEMA))
         }
@@ -379,7 +392,9 @@ def finalized_view(
     decided_us = _micros(table["at"])
     ev = _Events(_table(outcomes, _VIEW_OUTCOME_COLUMNS, _VIEW_OUTCOME_COLUMNS), table)
     delivered = ev.is_dlr & ev.status_in(["DELIVRD"])
-    final = ev.is_dlr & ev.status_in(FINAL_DLR_STATUSES)
+    final = ev.is_dlr & ev.status_in(FINAL_DLR)
+    rejected = ev.event_is("submit") & ev.has_status() & ~ev.status_in(SUBMIT_OK)
+    submit_failed = ev.any_per(rejected)  # no status on a submit means accepted
     latency_ms = ev.per_decision(delivered, ev.latency_ms(decided_us), np.nan)
     within_sla = latency_ms <= params["sla_seconds"] * 1000.0
     converted = ev.any_per(ev.event_is("conversion"))
@@ -396,10 +411,12 @@ def finalized_view(
     view["converted"] = converted
     view["cost"] = ev.sum_per(ev.cost)
     view["n_events"] = ev.count_per()
-    view["final_status"] = np.where(
-        has_final, final_status, np.where(timed_out, "TIMEOUT", "PENDING")
+    view["final_status"] = np.select(
+        [has_final, submit_failed, timed_out],
+        [final_status, "SUBMIT_FAILED", "TIMEOUT"],
+        "PENDING",
     ).astype(str)
-    view["final"] = has_final | timed_out | _expired(decided_us, params, as_of)
+    view["final"] = has_final | submit_failed | timed_out | _expired(decided_us, params, as_of)
     view["success"] = success
     view["reward"] = reward_array(
         params["value"],
@@ -443,6 +460,11 @@ class _Events:
     def status_in(self, names: Collection[str]) -> np.ndarray:
         """Mask of the events whose status is one of `names`."""
         return np.isin(self._status, _indices(self._status_names, names))
+
+    def has_status(self) -> np.ndarray:
+        """Mask of events that carry a status."""
+        present = np.array([name is not None for name in self._status_names], dtype=bool)
+        return present[self._status]
 
     def statuses(self) -> np.ndarray:
         """Each event's status as an object array (None when missing)."""

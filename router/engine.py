@@ -46,6 +46,7 @@ from router.inflight import (
     FINAL_DLR,
     INTERMEDIATE_DLR,
     STALE,
+    SUBMIT_OK,
     TIMEOUT,
     TRUTH,
     InFlight,
@@ -57,7 +58,6 @@ from router.metrics import EngineMetrics
 SENDER_TYPES = ("alphanumeric", "numeric", "shortcode")
 PHONE_REGIONS = frozenset(phonenumbers.SUPPORTED_REGIONS)
 EARLIEST_EVENT = 946_684_800.0  # 2000-01-01T00:00Z: anything earlier is a client bug
-SUBMIT_OK = frozenset({"ACCEPTED", "OK", "ESME_ROK", "SUCCESS"})
 EVENTS = ("submit", "dlr", "conversion")
 
 

@@ -12,6 +12,7 @@ from bandit.model import RouteKey
 FINAL_DLR = frozenset({"DELIVRD", "UNDELIV", "EXPIRED", "REJECTD", "DELETED", "UNKNOWN"})
 INTERMEDIATE_DLR = frozenset({"ACCEPTD", "ENROUTE"})
 DLR_STATUSES = FINAL_DLR | INTERMEDIATE_DLR
+SUBMIT_OK = frozenset({"ACCEPTED", "OK", "ESME_ROK", "SUCCESS"})  # any other submit status failed
 
 # Timer kinds, in the order they fall due for one decision.
 STALE, DEADLINE, TRUTH, TIMEOUT = "stale", "deadline", "truth", "timeout"
