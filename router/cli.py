@@ -72,6 +72,29 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from router.evaluate_run import EvaluateOptions, run_evaluation
+
+    try:
+        run_evaluation(
+            EvaluateOptions(
+                candidates=args.candidate,
+                logs=Path(args.logs) if args.logs else None,
+                run_id=args.run_id,
+                catalog=Path(args.catalog) if args.catalog else None,
+                policy_file=Path(args.policy_file) if args.policy_file else None,
+                tracking_uri=args.tracking_uri,
+                bootstrap=args.bootstrap,
+                out=Path(args.out),
+                seed=args.seed,
+            )
+        )
+    except ValueError as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     p = argparse.ArgumentParser(prog="router", description="Adaptive SMS routing engine.")
@@ -131,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in --out)")
         action.add_argument("--out", default="data/experiments", help="decision logs, MLflow")
     exp.set_defaults(func=_experiment)
+    ev = sub.add_parser("evaluate", help="off-policy evaluation of candidates on logged decisions")
+    ev.add_argument(
+        "--candidate",
+        action="append",
+        required=True,
+        help="uniform | static | cheapest | logged | greedy | epsilon_greedy,epsilon=0.1"
+        " | module:Class[,key=value] (repeatable)",
+    )
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--logs", help="a decision_log folder (with decisions/ and outcomes/)")
+    src.add_argument("--run-id", help="an MLflow run whose decision_log artifacts to evaluate")
+    ev.add_argument("--catalog", help="carrier catalog (priorities, prices for the candidates)")
+    ev.add_argument("--policy-file", help="message classes (value, SLA) for the rewards")
+    ev.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --out)")
+    ev.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates (0: none)")
+    ev.add_argument("--out", default="data/evaluation")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=_evaluate)
     return p
 
 
