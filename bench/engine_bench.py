@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from carriers.catalog import load_catalog
 from experiments.world import World, load_scenario
+from router.cli import tune_gc
 from router.config import load_config
 from router.decision_log import DecisionLog
 from router.engine import (
@@ -298,6 +299,7 @@ def main() -> None:
     n = 8_000 if args.quick else 40_000
     repeats = 1 if args.quick else args.repeats
     reqs = _requests(n, rate=200.0)
+    tune_gc()  # as `router serve` does
     print(
         f"machine: {os.cpu_count()} cores; {n:,} requests, 200/s of event time, "
         f"{repeats} repeats (medians)"
