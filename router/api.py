@@ -161,23 +161,41 @@ def _error(exc: RoutingError) -> Response:
     return _json({"error": exc.to_dict()}, exc.status)
 
 
+def _field_path(loc: list[str]) -> str:
+    """`["1", "cost"]` -> `[1].cost`, as the engine names list items."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
+    return path or "body"
+
+
+def _this_branch(loc: list[str], body: object) -> bool:
+    """`/v1/outcomes` takes one event or a list, and pydantic reports both union branches:
+    keep the errors of the branch that matches the body's shape."""
+    if not loc:
+        return True
+    if loc[0].startswith("list["):
+        return isinstance(body, list)
+    if loc[0] == "OutcomeIn":
+        return not isinstance(body, list)
+    return True
+
+
 def _validation_message(exc: RequestValidationError) -> Response:
     """422 naming each bad field; the offending values are never echoed (they may be numbers)."""
     body = getattr(exc, "body", None)
     fields = []
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        if loc and isinstance(body, dict) and loc[0].startswith("list["):
-            continue
-        if loc and isinstance(body, list) and loc[0] == "OutcomeIn":
-            continue
-        loc = [p for p in loc if p not in ("OutcomeIn",) and not p.startswith("list[")]
         if err.get("type") == "json_invalid":
             return _json(
                 {"error": {"code": "malformed_json", "message": "request body is not valid JSON"}},
                 400,
             )
-        fields.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid")})
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if not _this_branch(loc, body):
+            continue
+        loc = [p for p in loc if p != "OutcomeIn" and not p.startswith("list[")]
+        fields.append({"field": _field_path(loc), "message": err.get("msg", "invalid")})
     message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
     first = fields[0]["field"] if fields else None
     return _json(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -52,8 +53,6 @@ def _request_json(r: RouteRequest) -> dict[str, Any]:
 
 
 def _decision(d: dict[str, Any]) -> RouteDecision:
-    from datetime import datetime
-
     return RouteDecision(
         d["decision_id"],
         d["carrier"],

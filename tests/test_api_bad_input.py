@@ -217,7 +217,7 @@ ROUTE_CASES = [
     # exclude
     route("exclude-string", ru(exclude="globalprime"), field="exclude"),
     route("exclude-null", ru(exclude=None), field="exclude"),
-    route("exclude-int-item", ru(exclude=[1]), field="exclude.0"),
+    route("exclude-int-item", ru(exclude=[1]), field="exclude[0]"),
     route("exclude-unknown-carrier", ru(exclude=["nope"]), field="exclude", mention="nope"),
     # attempt, parent_decision_id
     route("attempt-0", ru(attempt=0), field="attempt"),
@@ -292,9 +292,9 @@ BATCH_CASES = [
     batch("batch-object-not-list", ru(), field="body"),
     batch("batch-empty", [], field="body"),
     batch("batch-1001-items", [ru()] * 1001, field="body", mention="1000"),
-    batch("batch-item-wrong-type", [ru(), {"to": 79161234567, "at": T0}], field="1.to"),
-    batch("batch-item-unknown-field", [ru(), ru(colour="red")], field="1.colour"),
-    batch("batch-item-not-object", [ru(), RU], field="1"),
+    batch("batch-item-wrong-type", [ru(), {"to": 79161234567, "at": T0}], field="[1].to"),
+    batch("batch-item-unknown-field", [ru(), ru(colour="red")], field="[1].colour"),
+    batch("batch-item-not-object", [ru(), RU], field="[1]"),
     case(
         "batch-malformed-json", "POST", "/v1/route/batch", 400, content=b"[{", code="malformed_json"
     ),
@@ -349,7 +349,7 @@ OUTCOME_CASES = [
     outcome(
         "list-one-invalid-value",
         lambda ctx: [ev()(ctx), ev(cost=-1)(ctx)],
-        field="1.cost",
+        field="[1].cost",
     ),
     outcome(
         "list-one-bad-dlr-status",
