@@ -105,6 +105,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from router.cost_report import CostReportOptions, parse_by, parse_when, run_cost_report
+
+    try:
+        run_cost_report(
+            CostReportOptions(
+                logs=Path(args.logs),
+                start=parse_when(args.start, "--from") if args.start else None,
+                end=parse_when(args.end, "--to") if args.end else None,
+                by=parse_by(args.by),
+                out=Path(args.out),
+                policy_file=Path(args.policy_file) if args.policy_file else None,
+            )
+        )
+    except ValueError as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     p = argparse.ArgumentParser(prog="router", description="Adaptive SMS routing engine.")
@@ -182,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="data/evaluation")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_evaluate)
+    rep = sub.add_parser("report", help="reports for finance")
+    rep_sub = rep.add_subparsers(dest="report", required=True, metavar="REPORT")
+    cost = rep_sub.add_parser("cost", help="cost per delivered message, to CSV, Parquet and HTML")
+    cost.add_argument("--logs", required=True, help="a decision_log folder (decisions/, outcomes/)")
+    cost.add_argument("--from", dest="start", help="first UTC date or time (YYYY-MM-DD[THH:MM])")
+    cost.add_argument("--to", dest="end", help="end UTC date or time, excluded")
+    cost.add_argument(
+        "--by",
+        default="carrier,country,day",
+        help="comma-separated: carrier, country, operator, tenant, message_class, day",
+    )
+    cost.add_argument("--out", default="data/reports", help="folder for the CSV, Parquet, HTML")
+    cost.add_argument("--policy-file", help="message classes (SLA for delivered within SLA)")
+    rep.set_defaults(func=_report)
     return p
 
 
