@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from features import to_epoch
+from router.auth import Auth, Principal, open_auth
+from router.bodylimit import MAX_BODY_BYTES, BodySizeLimit
 from router.engine import OutcomeEvent, RouteDecision, RouteRequest
 from router.errors import RoutingError
 from router.service import RouterService
@@ -158,7 +161,9 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 def _error(exc: RoutingError) -> Response:
-    return _json({"error": exc.to_dict()}, exc.status)
+    response = _json({"error": exc.to_dict()}, exc.status)
+    response.headers.update(exc.headers)
+    return response
 
 
 def _field_path(loc: list[str]) -> str:
@@ -211,9 +216,19 @@ def _validation_message(exc: RequestValidationError) -> Response:
     )
 
 
-def create_app(service: RouterService, tick_seconds: float = 0.5) -> FastAPI:
-    """The FastAPI application serving one `RouterService`."""
+def create_app(
+    service: RouterService,
+    tick_seconds: float = 0.5,
+    auth: Auth | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The FastAPI application serving one `RouterService`; `auth` checks keys (default: open)."""
     engine = service.engine
+    auth = auth or open_auth()
+    caller = Depends(auth.need("route"))
+    reporter = Depends(auth.need("outcomes"))
+    reader = Depends(auth.need("route", "outcomes", "admin"))
+    admin = Depends(auth.need("admin"))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -237,6 +252,7 @@ def create_app(service: RouterService, tick_seconds: float = 0.5) -> FastAPI:
         summary="Adaptive SMS routing: learned carrier selection with honest propensities.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(RoutingError)
     async def _routing_error(_: Request, exc: RoutingError) -> Response:
@@ -249,17 +265,24 @@ def create_app(service: RouterService, tick_seconds: float = 0.5) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        code = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "http_error"
-        )
+        code = {
+            400: "malformed_json",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+        }.get(exc.status_code, "http_error")
         return _json({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code)
 
-    errors: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 403, 404, 422)}
+    errors: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorOut} for s in (400, 401, 403, 404, 413, 422, 429)
+    }
 
     @app.post("/v1/route", response_model=RouteOut, responses=errors, tags=["routing"])
-    async def route(body: RouteIn) -> Response:
+    async def route(body: RouteIn, who: Principal = caller) -> Response:
         """Choose a carrier for one message."""
-        return _json(engine.route(body.to_request()).to_dict())
+        req = body.to_request()
+        req = dataclasses.replace(req, tenant=who.tenant_for(req.tenant))
+        return _json(engine.route(req).to_dict())
 
     @app.post(
         "/v1/route/batch",
@@ -269,9 +292,15 @@ def create_app(service: RouterService, tick_seconds: float = 0.5) -> FastAPI:
     )
     async def route_batch(
         body: Annotated[list[RouteIn], Field(min_length=1, max_length=MAX_BATCH)],
+        who: Principal = caller,
     ) -> Response:
         """Route up to 1000 messages; each answer is a decision or that message's error."""
-        answers = engine.route_batch([r.to_request() for r in body])
+        reqs = [r.to_request() for r in body]
+        reqs = [
+            dataclasses.replace(r, tenant=who.tenant_for(r.tenant, f"[{i}].tenant"))
+            for i, r in enumerate(reqs)
+        ]
+        answers = engine.route_batch(reqs)
         return _json(
             [
                 a.to_dict() if isinstance(a, RouteDecision) else {"error": a.to_dict()}
@@ -282,10 +311,12 @@ def create_app(service: RouterService, tick_seconds: float = 0.5) -> FastAPI:
     @app.post("/v1/outcomes", response_model=OutcomesOut, responses=errors, tags=["outcomes"])
     async def outcomes(
         body: OutcomeIn | Annotated[list[OutcomeIn], Field(min_length=1, max_length=MAX_BATCH)],
+        who: Principal = reporter,
     ) -> Response:
-        """Report submit results, receipts and conversions: one event or a list, all-or-nothing."""
+        """Report submit results, receipts and conversions: one event or a list, all-or-nothing.
+        A tenant's key reaches only that tenant's decisions (others' are unknown to it)."""
         events = [e.to_event() for e in (body if isinstance(body, list) else [body])]
-        results = engine.record_outcomes(events)
+        results = engine.record_outcomes(events, tenant=who.tenant)
         return _json(
             {
                 "recorded": results.count("recorded"),
@@ -296,29 +327,40 @@ def create_app(service: RouterService, tick_seconds: float = 0.5) -> FastAPI:
         )
 
     @app.get("/v1/decisions/{decision_id}", responses=errors, tags=["routing"])
-    async def decision(decision_id: Annotated[str, Path(pattern=_ID)]) -> Response:
+    async def decision(
+        decision_id: Annotated[str, Path(pattern=_ID)], who: Principal = reader
+    ) -> Response:
         """A decision with its context, π over the eligible carriers, scores and outcomes."""
-        return _json(engine.decision(decision_id))
+        return _json(engine.decision(decision_id, tenant=who.tenant))
 
     @app.get("/v1/carriers", tags=["carriers"])
     async def carriers(
         country: Annotated[str | None, Query(pattern=r"^[A-Z]{2}$")] = None,
+        who: Principal = reader,
     ) -> Response:
-        """The catalog with live scores per carrier and country."""
-        return _json(
-            {"catalog_version": engine.catalog.version, "carriers": engine.carriers(country)}
-        )
+        """The catalog with live scores per carrier and country (a tenant sees its carriers)."""
+        tenant = engine.catalog.tenant(who.tenant) if who.tenant else None
+        found = [
+            c
+            for c in engine.carriers(country)
+            if who.tenant is None or (tenant is not None and tenant.may_use(c["id"]))
+        ]
+        return _json({"catalog_version": engine.catalog.version, "carriers": found})
 
     @app.post("/v1/carriers/{carrier_id}/pause", responses=errors, tags=["admin"])
     async def pause(
-        carrier_id: Annotated[str, Path(pattern=_ID)], body: PauseIn | None = None
+        carrier_id: Annotated[str, Path(pattern=_ID)],
+        body: PauseIn | None = None,
+        _: Principal = admin,
     ) -> Response:
         """Take a carrier out of every eligible set."""
         engine.pause(carrier_id, (body or PauseIn()).reason)
         return _json({"carrier": carrier_id, "paused": True})
 
     @app.post("/v1/carriers/{carrier_id}/resume", responses=errors, tags=["admin"])
-    async def resume(carrier_id: Annotated[str, Path(pattern=_ID)]) -> Response:
+    async def resume(
+        carrier_id: Annotated[str, Path(pattern=_ID)], _: Principal = admin
+    ) -> Response:
         """Put a paused carrier back."""
         engine.resume(carrier_id)
         return _json({"carrier": carrier_id, "paused": False})
@@ -333,12 +375,13 @@ def create_app(service: RouterService, tick_seconds: float = 0.5) -> FastAPI:
                 "pending": len(engine.inflight),
                 "event_clock": engine.clock,
                 "catalog_version": engine.catalog.version,
+                "auth": auth.status(),
             }
         )
 
     @app.get("/metrics", tags=["ops"])
-    async def metrics() -> Response:
-        """Prometheus metrics."""
+    async def metrics(_: Principal = admin) -> Response:
+        """Prometheus metrics (spend and traffic per carrier: admin scope when auth is on)."""
         engine.carriers()  # refreshes the per-carrier success gauges
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 

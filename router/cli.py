@@ -11,6 +11,7 @@ from pathlib import Path
 
 from carriers.catalog import EXAMPLE_CATALOG, CatalogError
 from router.config import DEFAULT_POLICY_FILE, ConfigError
+from router.keys_cli import add_keys_parser
 
 
 def tune_gc() -> None:
@@ -25,6 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from router.api import create_app
+    from router.auth import serving_auth
+    from router.keys import Limit, open_store
     from router.service import RouterService, ServiceSettings
 
     settings = ServiceSettings(
@@ -38,9 +41,12 @@ def _serve(args: argparse.Namespace) -> int:
         max_future_skew_seconds=None if args.replay else 300.0,
     )
     service = RouterService(settings)
+    store = open_store(Path(args.data_dir), getattr(args, "redis_url", None))
+    tenant_limit = Limit.of(args.tenant_rate) if args.tenant_rate else None
+    auth = serving_auth(store, args.auth, tenant_limit)
     tune_gc()
     uvicorn.run(
-        create_app(service),
+        create_app(service, auth=auth, max_body_bytes=args.max_body_bytes),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
@@ -152,7 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    serve.add_argument(
+        "--auth",
+        default="auto",
+        choices=["auto", "required", "off"],
+        help="API keys: required, off, or auto (required once the key store holds a key)",
+    )
+    serve.add_argument(
+        "--tenant-rate", type=float, help="default per-tenant limit, items/s (`keys limit`)"
+    )
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies: 413")
     serve.set_defaults(func=_serve)
+    add_keys_parser(sub)
 
     demo = sub.add_parser("demo", help="router + simulated carriers + sender workers")
     demo.add_argument("--scenario", default="demo", help="a shipped scenario name or a file")

@@ -284,7 +284,10 @@ class RoutingEngine:
             raise InvalidRequest(
                 f"unknown carrier(s) in exclude: {', '.join(unknown)}", field="exclude"
             )
-        if req.parent_decision_id is not None and self._find(req.parent_decision_id) is None:
+        if (
+            req.parent_decision_id is not None
+            and self._find(req.parent_decision_id, req.tenant and tenant.id) is None
+        ):
             raise UnknownDecision(
                 f"parent decision {req.parent_decision_id!r} is not known",
                 field="parent_decision_id",
@@ -401,25 +404,35 @@ class RoutingEngine:
 
     # ---- outcomes --------------------------------------------------------------------------
 
-    def _find(self, decision_id: str) -> InFlight | None:
-        return self.inflight.get(decision_id) or self.recent.get(decision_id)
+    def _find(self, decision_id: str, tenant: str | None = None) -> InFlight | None:
+        """The decision, open or recently closed; with `tenant`, only if it is that tenant's
+        (another tenant's decision is reported unknown, so ids cannot be probed)."""
+        flight = self.inflight.get(decision_id) or self.recent.get(decision_id)
+        if flight is not None and tenant is not None and flight.tenant != tenant:
+            return None
+        return flight
 
-    def record_outcomes(self, events: Iterable[OutcomeEvent]) -> list[str]:
+    def record_outcomes(
+        self, events: Iterable[OutcomeEvent], tenant: str | None = None
+    ) -> list[str]:
         """Apply outcome events atomically: all are checked first, then each is applied.
+        With `tenant`, every event must be for one of that tenant's decisions.
 
         Returns, per event, "recorded", "duplicate" (a repeat that changed nothing) or "late"
         (recorded for finance and receipt statistics, too late for the learner).
         """
         events = list(events)
         with self._lock:
-            checked = [self._check_outcome(i, ev, len(events) > 1) for i, ev in enumerate(events)]
+            checked = [
+                self._check_outcome(i, ev, len(events) > 1, tenant) for i, ev in enumerate(events)
+            ]
             return [self._apply(flight, ev, at) for flight, ev, at in checked]
 
     def _check_outcome(
-        self, i: int, ev: OutcomeEvent, many: bool
+        self, i: int, ev: OutcomeEvent, many: bool, tenant: str | None = None
     ) -> tuple[InFlight, OutcomeEvent, float]:
         prefix = f"[{i}]." if many else ""
-        flight = self._find(ev.decision_id)
+        flight = self._find(ev.decision_id, tenant)
         if flight is None:
             raise UnknownDecision(
                 f"decision {ev.decision_id!r} is not known (never routed here, "
@@ -645,10 +658,11 @@ class RoutingEngine:
         if carrier_id not in self.catalog.carriers:
             raise UnknownCarrier(f"unknown carrier {carrier_id!r}", field="carrier")
 
-    def decision(self, decision_id: str) -> dict[str, Any]:
-        """A decision with its context, π, scores and outcomes so far: why this carrier."""
+    def decision(self, decision_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """A decision with its context, π, scores and outcomes so far: why this carrier.
+        With `tenant`, only that tenant's decisions are found."""
         with self._lock:
-            flight = self._find(decision_id)
+            flight = self._find(decision_id, tenant)
             if flight is None:
                 raise UnknownDecision(f"decision {decision_id!r} is not known", field="decision_id")
             rec = dict(flight.record)

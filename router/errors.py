@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 
@@ -11,6 +13,7 @@ class RoutingError(Exception):
 
     status = 400
     code = "bad_request"
+    headers: Mapping[str, str] = MappingProxyType({})
 
     def __init__(
         self, message: str, field: str | None = None, details: Mapping[str, Any] | None = None
@@ -66,3 +69,36 @@ class Forbidden(RoutingError):
 
     status = 403
     code = "forbidden"
+
+
+class Unauthorized(RoutingError):
+    """No API key, or one that is unknown or revoked."""
+
+    status = 401
+    code = "unauthorized"
+    headers = MappingProxyType({"WWW-Authenticate": "Bearer"})
+
+
+class RateLimited(RoutingError):
+    """A tenant's or a key's rate limit is spent; `Retry-After` says when to come back."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float, details: Mapping[str, Any]) -> None:
+        super().__init__(message, details={**details, "retry_after_seconds": retry_after})
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
+
+
+class AuthUnavailable(RoutingError):
+    """The key store cannot be read (Redis down since start): fail closed."""
+
+    status = 503
+    code = "auth_unavailable"
+
+
+class PayloadTooLarge(RoutingError):
+    """A request larger than the server takes at once (body bytes, or items over a burst)."""
+
+    status = 413
+    code = "payload_too_large"
