@@ -7,6 +7,12 @@ candidate Σ_a π_e(a|x) q̂(x, a). With w = pe / p0, every estimator is a smoot
 means of z = (w, w·r, Σπ_e q̂, w·(r − q̂)): IPS = E[w r], SNIPS = E[w r] / E[w], DM = E[Σπ_e q̂],
 DR = DM + E[w (r − q̂)], SNDR = DM + E[w (r − q̂)] / E[w].
 
+DM's own sample variance (that of Σπ_e q̂ alone) ignores the reward model's error, so its
+interval would be far too narrow. Its intervals use the influence function of the value,
+ψ = Σπ_e q̂ + w·(r − q̂) (DR's), centred at DM: with a cross-fitted q̂ from a (nearly) saturated
+model, DM is asymptotically equivalent to DR and shares its variance; what this cannot cover is
+DM's bias where the model is wrong (the gap DM − DR shows it).
+
 `Accumulator` keeps n, the mean of z and its centred second moments (merged with Chan's
 formula, so merging chunks equals one pass over their concatenation to float precision) and
 the largest weights; the analytic interval is the delta method's normal one. `Bootstrap` keeps
@@ -53,6 +59,10 @@ _FORMULAS: dict[str, tuple[Value, Gradient]] = {
         lambda m: np.array([-m[WE] / m[W] ** 2, 0.0, 1.0, 1.0 / m[W]]),
     ),
 }
+
+
+# Gradients whose variance stands for an estimator's own: DM's error is that of DR (see above).
+_VARIANCE_OF = {"dm": "dr"}
 
 
 @dataclass(frozen=True)
@@ -184,9 +194,8 @@ class Accumulator:
             raise ValueError(f"unknown or unavailable estimator {estimator!r}")
         if self.n < 2:
             raise ValueError("at least two logged decisions are needed")
-        value_of, gradient_of = _FORMULAS[estimator]
-        value = float(value_of(self.mean))
-        g = gradient_of(self.mean)
+        value = float(_FORMULAS[estimator][0](self.mean))
+        g = _FORMULAS[_VARIANCE_OF.get(estimator, estimator)][1](self.mean)
         se = float(np.sqrt(max(g @ (self.m2 / (self.n - 1)) @ g, 0.0) / self.n))
         half = NormalDist().inv_cdf(1 - alpha / 2) * se
         return Estimate(
@@ -228,11 +237,13 @@ class Bootstrap:
 
     The draws of a chunk are seeded by `seed` and a digest of the chunk's contents, so a result
     is reproducible for a given chunking and chunks seen on different machines stay independent.
+    `total` holds the unweighted n and Σz (the full sample's values, for DM's shifted replicates).
     """
 
     n_replicates: int = 200
     seed: int = 0
     sums: np.ndarray = field(default_factory=lambda: np.zeros((0, Z_DIM + 1)))
+    total: np.ndarray = field(default_factory=lambda: np.zeros(Z_DIM + 1))
 
     def __post_init__(self) -> None:
         if self.n_replicates < 2:
@@ -260,23 +271,94 @@ class Bootstrap:
         k = _POISSON_ONE[rng.integers(0, len(_POISSON_ONE), (self.n_replicates, len(z)), np.uint16)]
         self.sums[:, 0] += k.sum(axis=1)
         self.sums[:, 1:] += k @ z
+        self.total[0] += len(z)
+        self.total[1:] += z.sum(axis=0)
         return self
 
     def merge(self, other: Bootstrap) -> Bootstrap:
         """Both bootstraps' replicates summed (a new bootstrap)."""
         if other.n_replicates != self.n_replicates:
             raise ValueError("cannot merge bootstraps with different numbers of replicates")
-        return Bootstrap(self.n_replicates, self.seed, self.sums + other.sums)
+        return Bootstrap(
+            self.n_replicates, self.seed, self.sums + other.sums, self.total + other.total
+        )
 
     def replicates(self, estimator: str) -> np.ndarray:
-        """The estimator's value in each replicate."""
+        """The estimator's value in each replicate (DM's: DR's, shifted by DM − DR)."""
+        proxy = _VARIANCE_OF.get(estimator, estimator)
         means = self.sums[:, 1:] / self.sums[:, :1]
-        return np.asarray(_FORMULAS[estimator][0](means.T), dtype=float)
+        values = np.asarray(_FORMULAS[proxy][0](means.T), dtype=float)
+        if proxy != estimator:
+            full = self.total[1:] / self.total[0]
+            values = values + (_FORMULAS[estimator][0](full) - _FORMULAS[proxy][0](full))
+        return values
 
     def interval(self, estimator: str, alpha: float = 0.05) -> tuple[float, float]:
         """Percentile interval of the estimator over the replicates."""
         low, high = np.quantile(self.replicates(estimator), [alpha / 2, 1 - alpha / 2])
         return float(low), float(high)
+
+
+@dataclass
+class WeightHistogram:
+    """Counts of the importance weights w in log-spaced bins, and of w = 0; chunks merge by adding.
+
+    Bin 0 holds 0 < w < 10^low, bin −1 holds w ≥ 10^high, the others `per_decade` bins a decade.
+    """
+
+    low: int = -3
+    high: int = 3
+    per_decade: int = 20
+    zeros: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        if self.high <= self.low or self.per_decade < 1:
+            raise ValueError("need low < high and per_decade >= 1")
+        if len(self.counts) == 0:
+            self.counts = np.zeros(self.n_bins + 2, dtype=np.int64)
+
+    @property
+    def n_bins(self) -> int:
+        """Number of bins between 10^low and 10^high."""
+        return (self.high - self.low) * self.per_decade
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The n_bins + 1 bin edges, 10^low to 10^high."""
+        return 10.0 ** np.linspace(self.low, self.high, self.n_bins + 1)
+
+    @property
+    def n(self) -> int:
+        """Number of weights counted."""
+        return int(self.zeros + self.counts.sum())
+
+    def update(self, w: np.ndarray) -> WeightHistogram:
+        """Count one chunk of weights (in place); returns self."""
+        w = np.asarray(w, dtype=float)
+        positive = w[w > 0]
+        self.zeros += len(w) - len(positive)
+        idx = np.floor((np.log10(positive) - self.low) * self.per_decade).astype(np.int64) + 1
+        np.clip(idx, 0, self.n_bins + 1, out=idx)
+        self.counts += np.bincount(idx, minlength=self.n_bins + 2)
+        return self
+
+    def merge(self, other: WeightHistogram) -> WeightHistogram:
+        """Both histograms' counts (a new histogram)."""
+        if (other.low, other.high, other.per_decade) != (self.low, self.high, self.per_decade):
+            raise ValueError("cannot merge histograms with different bins")
+        return WeightHistogram(
+            self.low,
+            self.high,
+            self.per_decade,
+            self.zeros + other.zeros,
+            self.counts + other.counts,
+        )
+
+    def ccdf(self) -> tuple[np.ndarray, np.ndarray]:
+        """P(W ≥ edge) at each bin edge (exact at the edges, from the counts above them)."""
+        above = np.cumsum(self.counts[::-1])[::-1][1:]  # weights in bins from each edge up
+        return self.edges, above / max(self.n, 1)
 
 
 def estimate(

@@ -2,13 +2,14 @@
 
 Logs come from a folder (a serving data dir's `decision_log/`) or from an MLflow run's
 `decision_log` artifacts; candidates are built-in rules with parameters or a user's
-`module:Class`. Prints a table and logs a run with the estimates, their intervals and a plot.
+`module:Class`. Prints a table and logs a run with the estimates, their intervals, and plots of
+the estimates and of each candidate's importance-weight distribution (with its ESS).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from rich.console import Console
@@ -24,7 +26,14 @@ from rich.table import Table
 
 from carriers.catalog import load_catalog
 from router.config import load_config
-from router.evaluation import Candidate, RewardModel, evaluate, make_candidate, results_frame
+from router.evaluation import (
+    Candidate,
+    CandidateResult,
+    RewardModel,
+    evaluate,
+    make_candidate,
+    results_frame,
+)
 
 
 @dataclass
@@ -75,6 +84,7 @@ def run_evaluation(opts: EvaluateOptions, console: Console | None = None) -> pd.
     candidates = dict(parse_candidate(spec) for spec in opts.candidates)
     opts.out.mkdir(parents=True, exist_ok=True)
     tracking_uri = opts.tracking_uri or f"sqlite:///{opts.out.resolve() / 'mlflow.db'}"
+    model = RewardModel()
     with tempfile.TemporaryDirectory() as tmp:
         logs = opts.logs or _download_logs(tracking_uri, str(opts.run_id), Path(tmp))
         if not (logs / "decisions").is_dir():
@@ -84,13 +94,13 @@ def run_evaluation(opts: EvaluateOptions, console: Console | None = None) -> pd.
             candidates,
             catalog,
             config.message_classes,
-            reward_model=RewardModel(),
+            reward_model=model,
             n_bootstrap=opts.bootstrap,
             seed=opts.seed,
         )
     frame = results_frame(results)
     _print(frame, console)
-    _log_run(frame, opts, tracking_uri, logs)
+    _log_run(frame, results, opts, tracking_uri, logs, model)
     return frame
 
 
@@ -117,6 +127,10 @@ def _print(frame: pd.DataFrame, console: Console) -> None:
             f"{r.max_weight:.1f}",
         )
     console.print(table)
+    console.print(
+        "DM's intervals use DR's influence function (cross-fitted reward model); they cannot cover"
+        " the model's bias, which the gap DM − DR estimates. Prefer DR/SNDR."
+    )
 
 
 def _plot(frame: pd.DataFrame, path: Path) -> None:
@@ -139,7 +153,74 @@ def _plot(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def _log_run(frame: pd.DataFrame, opts: EvaluateOptions, tracking_uri: str, logs: Path) -> None:
+def weights_frame(results: Mapping[str, CandidateResult]) -> pd.DataFrame:
+    """Per candidate and weight bin: the bin's edges, its share of decisions and P(W ≥ low)."""
+    rows = []
+    for name, res in results.items():
+        hist = res.weights
+        edges, ccdf = hist.ccdf()
+        low = np.concatenate([[0.0], edges])  # bin 0: 0 < w < 10^low; then the log bins
+        high = np.concatenate([edges, [np.inf]])
+        share = hist.counts / max(hist.n, 1)
+        ccdf_at_low = np.concatenate([[hist.counts.sum() / max(hist.n, 1)], ccdf])
+        rows.append(
+            pd.DataFrame(
+                {
+                    "candidate": name,
+                    "w_low": low,
+                    "w_high": high,
+                    "share": share,
+                    "ccdf": ccdf_at_low,
+                    "zero_share": hist.zeros / max(hist.n, 1),
+                    "ess": res.accumulator.ess,
+                    "n": hist.n,
+                }
+            )
+        )
+    return pd.concat(rows, ignore_index=True)
+
+
+def _plot_weights(weights: pd.DataFrame, path: Path) -> None:
+    """Histogram (share per log bin) and CCDF of w = π_e/π_0 per candidate, ESS in the legend."""
+    fig, (hist_ax, ccdf_ax) = plt.subplots(1, 2, figsize=(11, 4.6))
+    seen = weights[(weights["share"] > 0) & (weights["w_low"] > 0)]
+    span = (seen["w_low"].min() / 2, seen["w_high"].replace(np.inf, np.nan).max() * 2)
+    for name, g in weights.groupby("candidate", sort=False):
+        inner = g.iloc[1:-1]  # the log-spaced bins; under/overflow shares stay in the CSV
+        first = g.iloc[0]
+        label = (
+            f"{name}: ESS {first['ess']:,.0f} of {first['n']:,}, "
+            f"w = 0 for {first['zero_share']:.0%}"
+        )
+        hist_ax.stairs(inner["share"], np.append(inner["w_low"], inner["w_high"].iloc[-1]))
+        ccdf_ax.step(g["w_low"].iloc[1:], g["ccdf"].iloc[1:], where="post", label=label)
+    hist_ax.set_xscale("log")
+    hist_ax.set_xlabel("importance weight w = π_e(a|x) / π_0(a|x) (log scale)")
+    hist_ax.set_ylabel("share of decisions")
+    hist_ax.set_title("weight distribution")
+    ccdf_ax.set_xscale("log")
+    ccdf_ax.set_yscale("log")
+    ccdf_ax.set_xlabel("w (log scale)")
+    ccdf_ax.set_ylabel("P(W ≥ w)")
+    ccdf_ax.set_title("tail of the weights (CCDF)")
+    for ax in (hist_ax, ccdf_ax):
+        ax.grid(alpha=0.3, which="both")
+        if np.all(np.isfinite(span)):
+            ax.set_xlim(*span)
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + len(seen["candidate"].unique()) // 2), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _log_run(
+    frame: pd.DataFrame,
+    results: Mapping[str, CandidateResult],
+    opts: EvaluateOptions,
+    tracking_uri: str,
+    logs: Path,
+    model: RewardModel,
+) -> None:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(opts.experiment)
     exp_id = (
@@ -157,6 +238,8 @@ def _log_run(frame: pd.DataFrame, opts: EvaluateOptions, tracking_uri: str, logs
     client.log_param(rid, "candidates", "; ".join(opts.candidates)[:6000])
     client.log_param(rid, "logs", str(opts.run_id or logs))
     client.log_param(rid, "bootstrap", opts.bootstrap)
+    client.log_param(rid, "reward_model", f"ridge, hashed carrier×context, alpha={model.alpha}")
+    client.log_param(rid, "crossfit_folds", model.n_folds)
     for r in frame.itertuples():
         key = f"{r.candidate}.{r.estimator}".replace(":", "_").replace(",", "_").replace("=", "_")
         for name in ("value", "ci_low", "ci_high", "ess"):
@@ -166,6 +249,11 @@ def _log_run(frame: pd.DataFrame, opts: EvaluateOptions, tracking_uri: str, logs
         frame.to_csv(csv, index=False)
         png = Path(tmp) / "estimates.png"
         _plot(frame, png)
-        client.log_artifact(rid, str(csv))
-        client.log_artifact(rid, str(png))
+        weights = weights_frame(results)
+        weights_csv = Path(tmp) / "weights.csv"
+        weights.to_csv(weights_csv, index=False)
+        weights_png = Path(tmp) / "weights.png"
+        _plot_weights(weights, weights_png)
+        for path in (csv, png, weights_csv, weights_png):
+            client.log_artifact(rid, str(path))
     client.set_terminated(rid)

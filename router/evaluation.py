@@ -10,12 +10,15 @@ rows_per_partition decisions, their outcomes and the joined view; roughly 1-2 kB
 plus one chunk of flattened eligible sets; the reward model's per-key sums and the accumulators
 are O(carriers × contexts) and O(1). Disk: one temporary copy of the logs when P > 1.
 
-Pass 1 fits the reward model (per carrier, message class, country, operator and local time band
-mean reward, shrunk towards its parent level); pass 2 computes each candidate's π over the
-logged eligible set and feeds `bandit.ope` accumulators, which merge across partitions (and
-machines). Retries (attempt > 1) are decisions like any other. A decision is evaluated once its
-reward is settled: `as_of` is past its SLA plus grace (and its conversion window, for tenants that
-report conversions); that cut depends on time and context only, never on the carrier chosen.
+Pass 1 adds each decision's reward to the reward model's per-fold, per-key sums and fits one
+ridge model per cross-fitting fold (`bandit.reward_model`); pass 2 predicts q̂ for every
+eligible carrier of a decision with the model that never saw that decision's fold, computes each
+candidate's π over the logged eligible set and feeds `bandit.ope` accumulators (and a histogram
+of the importance weights), which merge across partitions (and machines). Retries (attempt > 1)
+are decisions like any other, each over its own logged eligible set (which lacks the carriers it
+excluded). A decision is evaluated once its reward is settled: `as_of` is past its SLA plus grace
+(and its conversion window, for tenants that report conversions); that cut depends on time and
+context only, never on the carrier chosen.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bandit.ope import Accumulator, Bootstrap, Estimate, z_matrix
+from bandit.ope import Accumulator, Bootstrap, Estimate, W, WeightHistogram, z_matrix
 from bandit.reward import MessageClass
+from bandit.reward_model import CrossFitRewardModel, fold_of
 from carriers.catalog import Catalog
 from router.decision_log import (
     DECISION_SCHEMA,
@@ -49,7 +53,6 @@ from router.decision_log import (
 )
 
 OUTCOME_COLUMNS = ["decision_id", "at", "event", "status", "cost", "latency_ms"]
-KEY_COLUMNS = ["carrier", "message_class", "country", "operator", "band"]
 
 # ---- logged decisions with their eligible sets flattened ------------------------------------
 
@@ -261,49 +264,47 @@ def make_candidate(spec: str, **params: Any) -> Candidate:
 
 @dataclass
 class RewardModel:
-    """Mean reward per (carrier, class, country, operator, band), shrunk towards each parent."""
+    """The cross-fitted ridge reward model (`bandit.reward_model`) on a chunk's decisions."""
 
-    strength: float = 20.0
+    n_folds: int = 5
+    alpha: float = 5.0
     band_hours: int = 6
-    sums: pd.DataFrame | None = None
+    model: CrossFitRewardModel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = CrossFitRewardModel(self.n_folds, self.alpha)
 
     def keys(self, chunk: LoggedChunk, pairs: bool) -> pd.DataFrame:
-        """The key columns of each pair (or of each logged action)."""
+        """The model's key columns for each pair (or each logged action)."""
         idx = chunk.rows if pairs else np.arange(chunk.n)
-        hour = _numpy(chunk.table["local_hour"]).astype(np.int64)[idx]
+        column = {c: _numpy(chunk.table[c])[idx] for c in ("message_class", "country", "tenant")}
         return pd.DataFrame(
             {
                 "carrier": chunk.carrier if pairs else chunk.carrier[chunk.chosen],
-                "message_class": _numpy(chunk.table["message_class"])[idx],
-                "country": _numpy(chunk.table["country"])[idx],
+                **column,
                 "operator": _numpy(chunk.table["operator"])[idx],
-                "band": hour // self.band_hours,
+                "band": _numpy(chunk.table["local_hour"]).astype(np.int64)[idx] // self.band_hours,
+                "retry": _numpy(chunk.table["attempt"])[idx] > 1,
             }
         )
 
-    def update(self, chunk: LoggedChunk) -> None:
-        """Add the chunk's logged actions and rewards to the per-key sums."""
-        frame = self.keys(chunk, pairs=False).assign(total=chunk.reward, count=1.0)
-        part = frame.groupby(KEY_COLUMNS, sort=False)[["total", "count"]].sum()
-        self.sums = part if self.sums is None else self.sums.add(part, fill_value=0.0)
+    def folds(self, chunk: LoggedChunk, pairs: bool) -> np.ndarray:
+        """Each pair's (or decision's) cross-fitting fold, from its decision id."""
+        fold = fold_of(_numpy(chunk.table["decision_id"]), self.n_folds)
+        return fold[chunk.rows] if pairs else fold
 
-    def predict(self, keys: pd.DataFrame) -> np.ndarray:
-        """q̂ per row of `keys`: the global mean refined level by level with shrinkage."""
-        if self.sums is None:
-            raise ValueError("the reward model has seen no data")
-        flat = self.sums.reset_index()
-        est = np.full(len(keys), flat["total"].sum() / flat["count"].sum())
-        for depth in range(1, len(KEY_COLUMNS) + 1):
-            cols = KEY_COLUMNS[:depth]
-            level = flat.groupby(cols, sort=False)[["total", "count"]].sum().reset_index()
-            found = pd.MultiIndex.from_frame(level[cols]).get_indexer(
-                pd.MultiIndex.from_frame(keys[cols])
-            )
-            hit = found >= 0
-            total = level["total"].to_numpy()[found[hit]]
-            count = level["count"].to_numpy()[found[hit]]
-            est[hit] = (total + self.strength * est[hit]) / (count + self.strength)
-        return est
+    def update(self, chunk: LoggedChunk) -> None:
+        """Add the chunk's logged actions and rewards (pass 1)."""
+        self.model.update(self.keys(chunk, False), self.folds(chunk, False), chunk.reward)
+
+    def fit(self) -> RewardModel:
+        """Fit the per-fold models; returns self."""
+        self.model.fit()
+        return self
+
+    def predict(self, chunk: LoggedChunk) -> np.ndarray:
+        """Cross-fitted q̂ for every (decision, eligible carrier) pair of the chunk (pass 2)."""
+        return self.model.predict(self.keys(chunk, True), self.folds(chunk, True))
 
 
 # ---- partitions of a log folder -------------------------------------------------------------
@@ -472,6 +473,7 @@ class CandidateResult:
 
     accumulator: Accumulator
     bootstrap: Bootstrap | None
+    weights: WeightHistogram = field(default_factory=WeightHistogram)
 
     def estimates(self, alpha: float = 0.05) -> dict[str, Estimate]:
         """Every estimator's analytic result."""
@@ -527,12 +529,14 @@ def evaluate(
             for part in parts:
                 for chunk in reader.chunks(part):
                     model.update(chunk)
+            model.fit()
         for part in parts:
             for chunk in reader.chunks(part):
-                q = None if model is None else model.predict(model.keys(chunk, pairs=True))
+                q = None if model is None else model.predict(chunk)
                 for name, candidate in candidates.items():
                     z = candidate_inputs(chunk, candidate(chunk, catalog), q)
                     results[name].accumulator.update_z(z)
+                    results[name].weights.update(z[:, W])
                     if results[name].bootstrap is not None:
                         results[name].bootstrap.update_z(z)
     return results

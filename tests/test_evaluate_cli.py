@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 from test_ope import simulate, true_value
 
@@ -41,8 +43,26 @@ def test_evaluate_cli_logs_estimates_to_mlflow(tmp_path: Path) -> None:
     metrics = run.data.metrics
     assert metrics["static.dr.ci_low"] <= truth <= metrics["static.dr.ci_high"]
     assert metrics["epsilon_greedy_epsilon_0.2.snips.ess"] > 0
-    names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert names == {"estimates.csv", "estimates.png"}
+    rid = run.info.run_id
+    names = {a.path for a in client.list_artifacts(rid)}
+    assert names == {"estimates.csv", "estimates.png", "weights.csv", "weights.png"}
+    for png in ("estimates.png", "weights.png"):
+        assert Path(client.download_artifacts(rid, png, str(tmp_path))).read_bytes()[:4] == (
+            b"\x89PNG"
+        )
+    weights = pd.read_csv(client.download_artifacts(rid, "weights.csv", str(tmp_path)))
+    assert set(weights["candidate"]) == {"static", "epsilon_greedy,epsilon=0.2"}
+    for name, g in weights.groupby("candidate"):
+        # Every decision's weight is in one bin (w = 0 apart), and the ESS is the run's.
+        assert g["share"].sum() + g["zero_share"].iloc[0] == pytest.approx(1.0)
+        key = name.replace(",", "_").replace("=", "_")
+        assert g["ess"].iloc[0] == pytest.approx(metrics[f"{key}.ips.ess"])
+        assert g["ccdf"].is_monotonic_decreasing
+    static = weights[weights["candidate"] == "static"]
+    # static is deterministic and the log uniform over 2-5 carriers: w ∈ {0, 2, ..., 5}.
+    nonzero = static[static["share"] > 0]
+    assert nonzero["w_low"].min() >= 1.9 and nonzero["w_high"].max() <= 5.2
+    assert 0.3 < static["zero_share"].iloc[0] < 0.9
 
 
 def test_evaluate_cli_errors(tmp_path: Path, capsys) -> None:

@@ -302,7 +302,7 @@ def test_streaming_partitions_equal_the_in_memory_result(
     chunk = LoggedChunk.from_table(decisions, view["reward"].to_numpy())
     model = RewardModel()
     model.update(chunk)
-    q = model.predict(model.keys(chunk, pairs=True))
+    q = model.fit().predict(chunk)
     for name in CANDIDATES:
         z = candidate_inputs(chunk, make_candidate(name)(chunk, catalog), q)
         memory = Accumulator(with_model=True).update_z(z).results()
