@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from bandit.cost_subsidy import cheapest_feasible
 from bandit.model import CarrierModel, RouteKey
 from bandit.reward import MessageClass
 
@@ -258,6 +259,40 @@ class ThompsonSampling(Policy):
         return wins / self.n_samples
 
 
+class CostSubsidy(Policy):
+    """The cost-subsidy objective (Sinha et al., AISTATS 2021) on our posterior: per Thompson draw,
+    the cheapest carrier whose receipt-calibrated success is at least (1−subsidy) of the draw's
+    best; π is the share of draws each carrier wins, so the propensity stays exact."""
+
+    name = "cost_subsidy"
+    probes = True
+
+    def __init__(
+        self,
+        model: CarrierModel,
+        seed: int | None = None,
+        exploration_floor: float = 0.02,
+        subsidy: float = 0.05,
+        n_samples: int = 128,
+        cache_seconds: float = 1.0,
+    ) -> None:
+        super().__init__(model, seed, exploration_floor, cache_seconds)
+        if not 0.0 <= subsidy < 1.0:
+            raise ValueError("subsidy must be in [0, 1)")
+        if n_samples < 1:
+            raise ValueError("n_samples must be >= 1")
+        self.subsidy = subsidy
+        self.n_samples = n_samples
+
+    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+        if len(arms) == 1:
+            return np.ones(1)
+        p = sample_beta(alpha, beta, self.n_samples, self.rng)
+        cost = price * np.where(on_delivery, p, 1.0)
+        wins = cheapest_feasible(p * ratio, cost, self.subsidy)
+        return np.bincount(wins, minlength=len(arms)) / self.n_samples
+
+
 class EpsilonGreedy(Policy):
     """The arm with the best posterior-mean utility, and a uniform draw with probability ε."""
 
@@ -334,7 +369,15 @@ class RoundRobin(Policy):
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (ThompsonSampling, EpsilonGreedy, StaticPriority, Cheapest, Uniform, RoundRobin)
+    for cls in (
+        ThompsonSampling,
+        CostSubsidy,
+        EpsilonGreedy,
+        StaticPriority,
+        Cheapest,
+        Uniform,
+        RoundRobin,
+    )
 }
 
 

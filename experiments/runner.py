@@ -17,6 +17,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,6 +32,7 @@ from experiments.metrics import (
     traffic_split,
 )
 from experiments.oracle import use_oracle
+from experiments.peers import PEERS, PeerEngine, missing_library, use_peer
 from experiments.play import play
 from experiments.plots import plot_regret, plot_split
 from experiments.world import SCENARIOS, World, load_scenario
@@ -40,6 +42,7 @@ from router.engine import EngineOptions, RoutingEngine
 from router.tracking import default_artifact_location, default_tracking_uri
 
 BASELINES = ("thompson", "cheapest", "static", "uniform", "round_robin", "epsilon_greedy")
+COMPARED = (*BASELINES, "cost_subsidy", *PEERS)  # what `router experiment results` plays
 ALIASES = {"ts": "thompson", "eg": "epsilon_greedy", "rr": "round_robin"}
 ORACLE = "oracle"
 SUMMARY_COLUMNS = {  # metric: short header for the printed and Markdown tables
@@ -87,9 +90,10 @@ class UnknownPolicy(ValueError):
 def parse_policies(text: str) -> list[str]:
     """Policy names from a comma-separated list (aliases: ts, eg, rr); the oracle is implicit."""
     names = [ALIASES.get(n.strip(), n.strip()) for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in POLICIES and n != ORACLE]
+    unknown = [n for n in names if n not in POLICIES and n not in PEERS and n != ORACLE]
     if unknown:
-        raise UnknownPolicy(f"unknown policy {unknown}; known: {', '.join(sorted(POLICIES))}")
+        known = ", ".join(sorted([*POLICIES, *PEERS]))
+        raise UnknownPolicy(f"unknown policy {unknown}; known: {known}")
     return [n for n in dict.fromkeys(names) if n != ORACLE]
 
 
@@ -102,10 +106,10 @@ def play_policy(
     progress: Callable[[int, int], None] | None = None,
 ) -> PolicyRun:
     """Play the world through a fresh engine serving `policy`, logging its decisions."""
-    if policy not in (ORACLE, config.policy):
+    if policy not in (ORACLE, config.policy, *PEERS):
         config = config.with_policy(policy)
     log = DecisionLog(log_dir)
-    engine = RoutingEngine(
+    engine = (PeerEngine if policy in PEERS else RoutingEngine)(
         world.catalog,
         config.with_seed(seed),
         EngineOptions(max_future_skew_seconds=None),
@@ -114,6 +118,8 @@ def play_policy(
     )
     if policy == ORACLE:
         use_oracle(engine, world, seed)
+    elif policy in PEERS:
+        use_peer(engine, policy, seed)
     try:
         frame = play(engine, world, seed=seed, progress=progress)
     finally:
@@ -141,6 +147,7 @@ def run_experiment(
     out = Path(out)
     base = out / "runs" / name / f"seed{seed}-{time.strftime('%Y%m%dT%H%M%S')}"
     runs: dict[str, PolicyRun] = {}
+    policies = _playable(policies, console)
     with _progress(console) as bar:
         for policy in (ORACLE, *policies):
             task = bar.add_task(policy, total=None)
@@ -162,6 +169,18 @@ def run_experiment(
     console.print(_rich_table(summary, f"{name} (seed {seed}): {world.spec.description.strip()}"))
     console.print(f"MLflow: {uri}, experiment {experiment_name(name)!r}")
     return ExperimentResult(name, seed, runs, summary, uri, *ids)
+
+
+def _playable(policies: Sequence[str], console: Console) -> list[str]:
+    """The policies that can play here: a peer whose library is missing is skipped, saying why."""
+    out = []
+    for policy in policies:
+        reason = missing_library(policy) if policy in PEERS else None
+        if reason is None:
+            out.append(policy)
+        else:
+            console.print(f"[yellow]skipping {escape(reason)}[/yellow]")
+    return out
 
 
 def experiment_name(scenario: str) -> str:

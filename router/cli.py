@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     for action in (exp_run, exp_res):
         action.add_argument(
             "--policies",
-            default="thompson,cheapest,static,uniform,round_robin,epsilon_greedy",
+            default="thompson,cheapest,static,uniform,round_robin,epsilon_greedy,cost_subsidy,"
+            "mabwiser_ts,pybandits_cc,vw_cb_adf",
             help="comma-separated policy names (the oracle always plays)",
         )
         action.add_argument("--seed", type=int, default=1)
