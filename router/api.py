@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from features import to_epoch
@@ -316,7 +317,10 @@ def create_app(
         """Report submit results, receipts and conversions: one event or a list, all-or-nothing.
         A tenant's key reaches only that tenant's decisions (others' are unknown to it)."""
         events = [e.to_event() for e in (body if isinstance(body, list) else [body])]
-        results = engine.record_outcomes(events, tenant=who.tenant)
+        if service.shared is None:
+            results = engine.record_outcomes(events, tenant=who.tenant)
+        else:  # may wait on Redis: off the event loop, so decisions do not wait with it
+            results = await run_in_threadpool(service.record_outcomes, events, who.tenant)
         return _json(
             {
                 "recorded": results.count("recorded"),
@@ -367,10 +371,11 @@ def create_app(
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Response:
-        """Liveness and a few vital signs."""
+        """Liveness and a few vital signs; `degraded` (still HTTP 200: decisions are served from
+        the local state) while the shared Redis is away."""
         return _json(
             {
-                "status": "ok",
+                **service.health(),
                 "policy": engine.policy_label,
                 "pending": len(engine.inflight),
                 "event_clock": engine.clock,

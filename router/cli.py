@@ -5,12 +5,19 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from carriers.catalog import EXAMPLE_CATALOG, CatalogError
 from router.config import DEFAULT_POLICY_FILE, ConfigError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from router.shared_state import SharedSettings
 from router.keys_cli import add_keys_parser
 
 
@@ -22,9 +29,8 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def build_app(args: argparse.Namespace) -> FastAPI:
+    """The served application from `router serve`'s options (also each worker's factory)."""
     from router.api import create_app
     from router.auth import serving_auth
     from router.keys import Limit, open_store
@@ -39,14 +45,38 @@ def _serve(args: argparse.Namespace) -> int:
         mlflow=not args.no_mlflow,
         seed=args.seed,
         max_future_skew_seconds=None if args.replay else 300.0,
+        shared=_shared_settings(args),
     )
     service = RouterService(settings)
     store = open_store(Path(args.data_dir), getattr(args, "redis_url", None))
     tenant_limit = Limit.of(args.tenant_rate) if args.tenant_rate else None
     auth = serving_auth(store, args.auth, tenant_limit)
     tune_gc()
+    return create_app(service, auth=auth, max_body_bytes=args.max_body_bytes)
+
+
+def _shared_settings(args: argparse.Namespace) -> SharedSettings | None:
+    """Redis-shared state when a Redis URL is given (option or $REDIS_URL)."""
+    from router.shared_state import SharedSettings
+
+    if not args.redis_url:
+        return None
+    return SharedSettings(
+        url=args.redis_url,
+        prefix=args.redis_prefix,
+        checkpoint_seconds=args.checkpoint_seconds,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.workers > 1:
+        from router.workers import serve_workers
+
+        return serve_workers(args)
     uvicorn.run(
-        create_app(service, auth=auth, max_body_bytes=args.max_body_bytes),
+        build_app(args),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
@@ -166,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--tenant-rate", type=float, help="default per-tenant limit, items/s (`keys limit`)"
+    )
+    serve.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="share learned state with other replicas on this Redis (default: $REDIS_URL)",
+    )
+    serve.add_argument("--redis-prefix", default="router", help="key prefix on the shared Redis")
+    serve.add_argument(
+        "--checkpoint-seconds", type=float, default=30.0, help="shared checkpoint period"
+    )
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes (more than 1 needs Redis)"
     )
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies: 413")
     serve.set_defaults(func=_serve)

@@ -6,10 +6,13 @@ returns; a roll writes the buffered rows as one segment atomically (tmp file, fs
 of the folder) and only then deletes the journal. A segment is named after its journal, so a
 process killed at any moment leaves only complete segments and journals, and the next writer on
 the folder turns leftover journals into segments exactly once: no journaled row is lost or doubled.
+A live writer holds an exclusive `flock` on its journal, so several processes can share one folder
+(replicas, worker processes): each recovers only the journals of dead writers.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -211,6 +214,7 @@ class SegmentWriter:
         self._journal_id = uuid.uuid4().hex
         path = self.directory / f"open-{self._journal_id}.jsonl"
         self._journal = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fcntl.flock(self._journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return self._journal
 
     def _close_journal(self) -> None:
@@ -266,11 +270,19 @@ class SegmentWriter:
         return final
 
     def _recover(self) -> list[Path]:
-        """Turn journals left by a crashed process into segments; delete stray tmp files."""
+        """Turn journals left by dead writers into segments; delete their stray tmp files.
+        Journals that a live writer holds (flock) are left alone."""
+        locks = [(journal, _try_lock(journal)) for journal in self.directory.glob("open-*.jsonl")]
+        live = {j.stem.removeprefix("open-")[:_SEGMENT_ID_LEN] for j, fd in locks if fd is None}
         for tmp in self.directory.glob("*.tmp"):
-            tmp.unlink()
-        journals = sorted(self.directory.glob("open-*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
-        recovered = [self._recover_journal(journal) for journal in journals]
+            if tmp.name.removesuffix(".parquet.tmp")[-_SEGMENT_ID_LEN:] not in live:
+                tmp.unlink(missing_ok=True)
+        dead = sorted(((j, fd) for j, fd in locks if fd is not None), key=_mtime)
+        try:
+            recovered = [self._recover_journal(journal) for journal, _ in dead]
+        finally:
+            for _, fd in dead:
+                os.close(fd)
         return [path for path in recovered if path is not None]
 
     def _recover_journal(self, journal: Path) -> Path | None:
@@ -637,6 +649,25 @@ def _read_journal(journal: Path) -> list[dict[str, Any]]:
         except orjson.JSONDecodeError:
             logger.warning("skipping torn line %d of journal %s", number, journal)
     return rows
+
+
+def _try_lock(journal: Path) -> int | None:
+    """An fd holding the journal's exclusive lock, or None if a live writer holds it."""
+    try:
+        fd = os.open(journal, os.O_RDONLY)
+    except FileNotFoundError:
+        return None  # rolled by its writer meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _mtime(item: tuple[Path, int]) -> int:
+    """A journal's modification time (recovery order)."""
+    return os.fstat(item[1]).st_mtime_ns
 
 
 def _next_seq(directory: Path) -> int:

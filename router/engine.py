@@ -29,6 +29,7 @@ from features import (
     from_epoch,
     local_hour_weekday,
     msisdn_hmac,
+    to_epoch,
 )
 from router.config import EngineConfig
 from router.eligibility import Eligibility
@@ -59,6 +60,9 @@ SENDER_TYPES = ("alphanumeric", "numeric", "shortcode")
 PHONE_REGIONS = frozenset(phonenumbers.SUPPORTED_REGIONS)
 EARLIEST_EVENT = 946_684_800.0  # 2000-01-01T00:00Z: anything earlier is a client bug
 EVENTS = ("submit", "dlr", "conversion")
+
+
+CheckedOutcome = tuple[InFlight, "OutcomeEvent", float]  # the decision, the event, its event time
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,8 @@ class EngineOptions:
     recent_capacity: int = 200_000
     currency: str | None = None
     wall_clock: Callable[[], float] = time.time
+    replica: str = ""  # this replica's name when replicas share state ("" when embedded)
+    id_seed: int | None = None  # seed of decision ids (default: the policy seed)
 
 
 class RoutingEngine:
@@ -182,7 +188,9 @@ class RoutingEngine:
         self.stats = ServingStats()
         self._log_decision = log_decision
         self._log_outcome_row = log_outcome
-        self._ids = random.Random(config.seed)
+        self._ids = random.Random(
+            config.seed if self.options.id_seed is None else self.options.id_seed
+        )
         self._lock = threading.RLock()
         self._currency = self.options.currency or catalog.currency
         self.metrics.pending.set_function(lambda: len(self.inflight))
@@ -378,6 +386,7 @@ class RoutingEngine:
             arm.billing_on_delivery,
             tenant.reports_conversions,
             record,
+            origin=self.options.replica,
         )
         self._track(flight, mc)
         if self._log_decision is not None:
@@ -421,12 +430,65 @@ class RoutingEngine:
         Returns, per event, "recorded", "duplicate" (a repeat that changed nothing) or "late"
         (recorded for finance and receipt statistics, too late for the learner).
         """
+        with self._lock:
+            return self.apply_outcomes(self.check_outcomes(events, tenant))
+
+    def check_outcomes(
+        self, events: Iterable[OutcomeEvent], tenant: str | None = None
+    ) -> list[CheckedOutcome]:
+        """Validate outcome events (as `record_outcomes` does) without applying them."""
         events = list(events)
         with self._lock:
-            checked = [
+            return [
                 self._check_outcome(i, ev, len(events) > 1, tenant) for i, ev in enumerate(events)
             ]
-            return [self._apply(flight, ev, at) for flight, ev, at in checked]
+
+    def is_repeat(self, checked: CheckedOutcome) -> bool:
+        """Whether a checked event repeats one this engine has already applied."""
+        flight, ev, _ = checked
+        with self._lock:
+            return outcome_signature(ev.event, ev.status) in flight.seen
+
+    def apply_outcomes(self, checked: Sequence[CheckedOutcome], persist: bool = True) -> list[str]:
+        """Apply checked events; `persist=False` learns without logging rows or counting them
+        (another replica accepted them and logged them)."""
+        with self._lock:
+            return [self._apply(flight, ev, at, persist) for flight, ev, at in checked]
+
+    def adopt_decision(self, record: Mapping[str, Any]) -> bool:
+        """Track a decision another replica made (its decision-log row) so that its outcomes
+        and timers reach this engine's learner; False when it is already known."""
+        with self._lock:
+            if self._find(record["decision_id"]) is not None:
+                return False
+            at = record["at"]
+            rec = {**record, "at": datetime.fromisoformat(at) if isinstance(at, str) else at}
+            carrier = self.catalog.carriers.get(rec["carrier"])
+            tenant = self.catalog.tenant(rec["tenant"])
+            mc = self.config.message_classes.get(rec["message_class"])
+            if carrier is None or tenant is None or mc is None:
+                raise ValueError("decision names a carrier, tenant or class this catalog lacks")
+            now = to_epoch(rec["at"])
+            key = RouteKey(rec["country"], rec["operator"], self.model.band_of(rec["local_hour"]))
+            segments = int(rec["segments"])
+            flight = InFlight(
+                rec["decision_id"],
+                now,
+                carrier.id,
+                tenant.id,
+                mc.name,
+                key,
+                segments,
+                float(rec["price"]) / segments,
+                carrier.billing == "delivery",
+                tenant.reports_conversions,
+                rec,
+                origin=str(rec.get("origin", "")),
+            )
+            self._track(flight, mc)
+            self.stats.decisions += 1
+            self.advance(now)
+            return True
 
     def _check_outcome(
         self, i: int, ev: OutcomeEvent, many: bool, tenant: str | None = None
@@ -457,12 +519,10 @@ class RoutingEngine:
             )
         return flight, ev, max(at, flight.at)
 
-    def _apply(self, flight: InFlight, ev: OutcomeEvent, at: float) -> str:
+    def _apply(self, flight: InFlight, ev: OutcomeEvent, at: float, persist: bool = True) -> str:
         self.advance(at)
         status = (ev.status or "").upper() or None
-        signature = ev.event
-        if ev.event == "dlr":
-            signature = f"dlr-{status}" if status in INTERMEDIATE_DLR else "dlr-final"
+        signature = outcome_signature(ev.event, status)
         if signature in flight.seen:
             self.metrics.duplicates.inc()
             return "duplicate"
@@ -479,7 +539,7 @@ class RoutingEngine:
             self._on_conversion(flight, at)
         latency_ms = round((at - flight.at) * 1000)
         self._log_outcome(
-            flight, ev.event, at, status, ev.error_code, cost, ev.currency, latency_ms
+            flight, ev.event, at, status, ev.error_code, cost, ev.currency, latency_ms, persist
         )
         if not closed:
             self._maybe_close(flight, mc)
@@ -581,6 +641,7 @@ class RoutingEngine:
                 None,
                 None,
                 round((due - flight.at) * 1000),
+                flight.origin == self.options.replica,  # the deciding replica logs it
             )
         self._maybe_close(flight, mc, due)
 
@@ -603,6 +664,7 @@ class RoutingEngine:
         cost: float | None,
         currency: str | None,
         latency_ms: int | None,
+        persist: bool = True,
     ) -> None:
         row = {
             "decision_id": flight.decision_id,
@@ -617,6 +679,8 @@ class RoutingEngine:
             "tenant": flight.tenant,
         }
         flight.events.append({**row, "at": row["at"].isoformat()})
+        if not persist:
+            return
         if cost:
             self.stats.spend += cost
             self.metrics.child(self.metrics.spend, flight.carrier, row["currency"]).inc(cost)
@@ -763,6 +827,15 @@ class RoutingEngine:
                     self._track_late(flight, mc)
             for cid in self.eligibility.paused:
                 self.metrics.paused.labels(cid).set(1)
+
+
+def outcome_signature(event: str, status: str | None) -> str:
+    """What makes an outcome a repeat: its event, and for receipts the intermediate status or
+    "final" (one final receipt per decision counts)."""
+    if event != "dlr":
+        return event
+    status = (status or "").upper()
+    return f"dlr-{status}" if status in INTERMEDIATE_DLR else "dlr-final"
 
 
 def _restore_flight(d: Mapping[str, Any]) -> InFlight:

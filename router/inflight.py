@@ -43,6 +43,7 @@ class InFlight:
     converted: bool = False
     truth_done: bool = False
     change_checked: bool = False
+    origin: str = ""  # the replica that made the decision ("" on the embedded default)
 
     def to_state(self) -> dict[str, Any]:
         """JSON-ready form for snapshots."""

@@ -12,7 +12,8 @@ from pathlib import Path
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
 from router.config import DEFAULT_POLICY_FILE, load_config
 from router.decision_log import DecisionLog
-from router.engine import EngineOptions, RoutingEngine
+from router.engine import EngineOptions, OutcomeEvent, RoutingEngine
+from router.shared_state import SharedSettings, SharedState
 from router.snapshot import read_snapshot, write_snapshot
 from router.tracking import ServingRun, default_artifact_location, default_tracking_uri
 
@@ -37,6 +38,7 @@ class ServiceSettings:
     log_max_age_seconds: float = 300.0
     max_future_skew_seconds: float | None = 300.0
     hmac_key: bytes | None = field(default=None, repr=False)
+    shared: SharedSettings | None = None  # replicas sharing state on Redis; None: embedded
 
 
 def load_hmac_key(data_dir: Path) -> bytes:
@@ -72,20 +74,25 @@ class RouterService:
             on_roll=self._on_roll,
             validate=False,  # rows built by the engine itself; their shape is under test
         )
+        self.shared = SharedState(s.shared, s.data_dir) if s.shared else None
         options = EngineOptions(
             hmac_key=s.hmac_key or load_hmac_key(s.data_dir),
             max_future_skew_seconds=s.max_future_skew_seconds,
+            replica=self.shared.replica if self.shared else "",
+            id_seed=self.shared.id_seed if self.shared else None,
         )
         self.engine = RoutingEngine(
             catalog,
             config,
             options,
-            log_decision=self.log.log_decision,
+            log_decision=self._log_decision if self.shared else self.log.log_decision,
             log_outcome=self.log.log_outcome,
         )
         self.snapshot_path = s.data_dir / "state.json"
-        state = read_snapshot(self.snapshot_path)
-        if state is not None:
+        state = None if self.shared else read_snapshot(self.snapshot_path)
+        if self.shared:
+            self.shared.start(self.engine)
+        elif state is not None:
             self.engine.load_state(state)
             log.info(
                 "restored %d decisions in flight from %s",
@@ -115,6 +122,25 @@ class RouterService:
         self._last_metrics = now
         self._metrics_step = 0
 
+    def _log_decision(self, row: dict) -> None:
+        """Log a decision and queue it for the other replicas."""
+        self.log.log_decision(row)
+        if self.shared is not None:
+            self.shared.on_decision(row)
+
+    def record_outcomes(self, events: list[OutcomeEvent], tenant: str | None = None) -> list[str]:
+        """Accept outcome events: on the engine, or through the shared state with replicas."""
+        if self.shared is not None:
+            return self.shared.record_outcomes(events, tenant)
+        return self.engine.record_outcomes(events, tenant)
+
+    def health(self) -> dict:
+        """`ok`, or `degraded` with the reason (Redis away: decisions still served locally)."""
+        if self.shared is None:
+            return {"status": "ok"}
+        shared = self.shared.health()
+        return {"status": "ok" if shared["redis"] == "up" else "degraded", "shared": shared}
+
     def _on_roll(self, stream: str, path: Path) -> None:
         if self.run is not None:
             self.run.log_segment(path, stream)
@@ -141,8 +167,11 @@ class RouterService:
             self.log_metrics()
 
     def snapshot(self) -> None:
-        """Write the engine's state to the snapshot file."""
-        write_snapshot(self.snapshot_path, self.engine.state_dict())
+        """Write the engine's state to the snapshot file (with stream positions when shared)."""
+        if self.shared is not None:
+            self.shared.write_local_snapshot()
+        else:
+            write_snapshot(self.snapshot_path, self.engine.state_dict())
         self._last_snapshot = time.monotonic()
 
     def log_metrics(self) -> None:
@@ -154,8 +183,11 @@ class RouterService:
 
     def close(self) -> None:
         """Flush everything: the open log segments, a last snapshot, the MLflow run."""
+        if self.shared is not None:
+            self.shared.close()  # publishes what is queued and snapshots locally
         self.log.close()
-        self.snapshot()
+        if self.shared is None:
+            self.snapshot()
         if self.run is not None:
             self.log_metrics()
             self.run.close()

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.redis_server import ExternalRedis, RedisServer, redis_from_env
+
 # Event times used by API tests: fixed, in the past, so tests are reproducible.
 T0 = "2026-11-02T10:00:00+00:00"
 
@@ -62,6 +64,7 @@ def launch_server(data_dir: Path, *args: str, replay: bool = True) -> LiveServer
     port = free_port()
     log_path = data_dir / f"server-{port}.log"
     env = {**os.environ, "ROUTER_HMAC_KEY": "test-key", "PYTHONUNBUFFERED": "1"}
+    env.pop("REDIS_URL", None)  # shared state only where a test asks for it (--redis-url)
     cmd = [
         sys.executable,
         "-m",
@@ -111,6 +114,18 @@ def wait_ready(live: LiveServer, timeout: float = 90) -> LiveServer:
 def start_server(data_dir: Path, *args: str, replay: bool = True) -> LiveServer:
     """Start `router serve` and wait until it answers."""
     return wait_ready(launch_server(data_dir, *args, replay=replay))
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ExternalRedis]:
+    """A Redis for one test: REDIS_URL's (flushed) when set, else a private `redis-server`."""
+    srv = redis_from_env(tmp_path_factory.mktemp("redis"))
+    if isinstance(srv, ExternalRedis):
+        with srv.client() as c:
+            c.flushdb()
+    yield srv
+    if isinstance(srv, RedisServer):
+        srv.kill()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,200 @@
+"""The replicas' shared event log on Redis: sharded streams, decision records, idempotency.
+
+Keys are shaped for Redis Cluster: everything about one decision lives under the hash tag of
+its shard (`<prefix>:{sNN}:events`, `<prefix>:{sNN}:d:<decision_id>`), so every Lua script
+touches one slot. A decision record is a hash with the decision's row (`r`) and one field per
+outcome signature already published (`s:<signature>`); it expires after the DLR timeout.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import orjson
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+# Publish a decision once: its record and its stream entry, or nothing if already published.
+_PUBLISH_DECISION = """
+if redis.call('HSETNX', KEYS[1], 'r', ARGV[1]) == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'k', 'd', 'o', ARGV[2], 'p', ARGV[1])
+return 1
+"""
+
+# Publish outcome events of one decision: each signature once across all replicas.
+_PUBLISH_OUTCOMES = """
+local out = {}
+for i = 3, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], 's:' .. ARGV[i], 1) == 1 then
+    redis.call('XADD', KEYS[2], '*', 'k', 'o', 'o', ARGV[1], 'p', ARGV[i + 1])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry: kind `d` (decision) or `o` (outcome), its origin instance, payload."""
+
+    shard: int
+    id: str
+    kind: str
+    origin: str
+    payload: bytes
+
+    @property
+    def millis(self) -> int:
+        """The entry's Redis time (milliseconds since the epoch), from its id."""
+        return int(self.id.split("-", 1)[0])
+
+
+def connect(url: str, timeout: float = 0.5) -> redis.Redis:
+    """A client that fails fast: short socket timeouts and no silent retries."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+class RedisBus:
+    """Publishes decisions and outcomes, reads the streams, keeps the checkpoint."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "router", shards: int = 8) -> None:
+        if not 1 <= shards <= 1024:
+            raise ValueError("shards must be between 1 and 1024")
+        self.client = client
+        self.prefix = prefix
+        self.shards = shards
+        self._decision = client.register_script(_PUBLISH_DECISION)
+        self._outcomes = client.register_script(_PUBLISH_OUTCOMES)
+
+    # ---- keys ------------------------------------------------------------------------------
+
+    def shard_of(self, decision_id: str) -> int:
+        """The shard of a decision (stable across replicas and restarts)."""
+        return zlib.crc32(decision_id.encode()) % self.shards
+
+    def stream_key(self, shard: int) -> str:
+        """The event stream of one shard."""
+        return f"{self.prefix}:{{s{shard:02d}}}:events"
+
+    def record_key(self, decision_id: str) -> str:
+        """The record of one decision, in its shard's slot."""
+        return f"{self.prefix}:{{s{self.shard_of(decision_id):02d}}}:d:{decision_id}"
+
+    @property
+    def checkpoint_key(self) -> str:
+        """The learned-state checkpoint."""
+        return f"{self.prefix}:checkpoint"
+
+    # ---- publishing ------------------------------------------------------------------------
+
+    def check_layout(self) -> None:
+        """Record the shard count on first use; refuse a replica configured differently."""
+        key = f"{self.prefix}:shards"
+        self.client.set(key, self.shards, nx=True)
+        stored = int(self.client.get(key) or self.shards)
+        if stored != self.shards:
+            raise ValueError(
+                f"Redis holds {stored} shards under {self.prefix!r}, not {self.shards}"
+            )
+
+    def publish(self, batch: Sequence[tuple[str, str, str, bytes]], ttl_ms: int) -> list[bool]:
+        """Publish (kind, origin, decision_id, payload-or-signature+payload) items in one
+        pipeline, in order; per item, whether it was new. Outcome items carry
+        `signature\\0payload` as their payload."""
+        pipe = self.client.pipeline(transaction=False)
+        for kind, origin, did, payload in batch:
+            keys = [self.record_key(did), self.stream_key(self.shard_of(did))]
+            if kind == "d":
+                self._decision(keys=keys, args=[payload, origin, ttl_ms], client=pipe)
+            else:
+                sig, body = payload.split(b"\0", 1)
+                self._outcomes(keys=keys, args=[origin, ttl_ms, sig, body], client=pipe)
+        answers = pipe.execute()
+        return [bool(a[0] if isinstance(a, list) else a) for a in answers]
+
+    def record(self, decision_ids: Iterable[str]) -> dict[str, bytes]:
+        """The published rows of these decisions (those found)."""
+        ids = list(dict.fromkeys(decision_ids))
+        pipe = self.client.pipeline(transaction=False)
+        for did in ids:
+            pipe.hget(self.record_key(did), "r")
+        return {did: row for did, row in zip(ids, pipe.execute(), strict=True) if row}
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def read(self, positions: dict[int, str], count: int = 500) -> list[Entry]:
+        """Entries after each shard's position (one XREAD per shard, one pipeline), merged in
+        Redis time order; no blocking, so it works the same on a Redis Cluster."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.shards):
+            pipe.xread({self.stream_key(shard): positions.get(shard, "0-0")}, count=count)
+        entries = []
+        for shard, answer in enumerate(pipe.execute()):
+            for _, items in answer or ():
+                for entry_id, fields in items:
+                    entries.append(
+                        Entry(
+                            shard,
+                            entry_id.decode(),
+                            fields[b"k"].decode(),
+                            fields[b"o"].decode(),
+                            fields[b"p"],
+                        )
+                    )
+        entries.sort(key=lambda e: tuple(int(x) for x in e.id.split("-")))
+        return entries
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Take (or keep) a named lock for ttl_ms; True if this owner holds it."""
+        key = f"{self.prefix}:lock:{name}"
+        if self.client.set(key, owner, nx=True, px=ttl_ms):
+            return True
+        if self.client.get(key) == owner.encode():
+            self.client.pexpire(key, ttl_ms)
+            return True
+        return False
+
+    def write_checkpoint(self, state: dict, positions: dict[int, str]) -> int:
+        """Store the learned state with the stream positions it covers; returns its size."""
+        blob = zlib.compress(
+            orjson.dumps(
+                {"positions": {str(k): v for k, v in positions.items()}, "state": state},
+                option=orjson.OPT_SERIALIZE_NUMPY,
+            ),
+            1,
+        )
+        self.client.set(self.checkpoint_key, blob)
+        return len(blob)
+
+    def read_checkpoint(self) -> tuple[dict, dict[int, str]] | None:
+        """The last checkpoint's state and positions, or None."""
+        blob = self.client.get(self.checkpoint_key)
+        if blob is None:
+            return None
+        doc = orjson.loads(zlib.decompress(blob))
+        return doc["state"], {int(k): v for k, v in doc["positions"].items()}
+
+    def trim(self, positions: dict[int, str], keep_ms: int) -> None:
+        """Drop stream entries older than `keep_ms` before the checkpoint's positions."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard, pos in positions.items():
+            ms = int(pos.split("-", 1)[0]) - keep_ms
+            if ms > 0:
+                pipe.xtrim(self.stream_key(shard), minid=f"{ms}-0", approximate=True)
+        pipe.execute()

@@ -1,0 +1,470 @@
+"""Replicas that learn as one: each keeps a full local engine and they exchange events on Redis.
+
+Event sourcing: a replica publishes the decisions it makes (asynchronously, from a journaled
+outbox) and the outcomes it accepts (a Lua script per decision: idempotency key + stream entry in
+one atomic step) to sharded Redis streams; every replica reads all shards in a background thread
+and applies the other replicas' events to its own engine. Decisions never wait on Redis. An
+outcome is acknowledged once it is in Redis, or, while Redis is away, once it is fsynced in the
+local outbox journal (flushed when Redis returns). One replica at a time writes a checkpoint of
+the learned state with the stream positions it covers, so a new replica starts from checkpoint +
+stream tail, and streams are trimmed only well behind the checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from prometheus_client import Counter, Gauge, Histogram
+
+from router.engine import CheckedOutcome, OutcomeEvent, RoutingEngine, outcome_signature
+from router.errors import UnknownDecision
+from router.outbox import Item, Outbox
+from router.redis_bus import Entry, RedisBus, connect
+from router.snapshot import read_snapshot, write_snapshot
+
+log = logging.getLogger(__name__)
+_NOT_CONNECTED = "not connected yet"
+
+
+@dataclass
+class SharedSettings:
+    """How a replica uses Redis (`router serve --redis-url`, or $REDIS_URL)."""
+
+    url: str
+    prefix: str = "router"
+    shards: int = 8
+    socket_timeout: float = 0.5
+    flush_seconds: float = 0.005
+    poll_seconds: float = 0.01
+    retry_seconds: float = 0.5
+    checkpoint_seconds: float = 30.0
+    retention_seconds: float = 600.0
+    decision_wait_seconds: float = 1.0
+    catch_up_seconds: float = 30.0
+
+
+class SharedMetrics:
+    """Prometheus series of the shared state, in the engine's registry."""
+
+    def __init__(self, engine: RoutingEngine, state: SharedState) -> None:
+        r = engine.metrics.registry
+        self.up = Gauge("router_redis_up", "1 while Redis answers, 0 while degraded", registry=r)
+        self.buffered = Gauge(
+            "router_outbox_items", "Decisions and outcomes waiting to reach Redis", registry=r
+        )
+        self.buffered.set_function(lambda: len(state.outbox))
+        self.lag = Histogram(
+            "router_replication_lag_seconds",
+            "Time from another replica's event reaching Redis to its use here",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=r,
+        )
+        self.applied = Counter(
+            "router_replicated_events_total", "Other replicas' events applied", ["kind"], registry=r
+        )
+        self.dropped = Counter(
+            "router_replicated_dropped_total",
+            "Other replicas' events that could not be applied",
+            ["reason"],
+            registry=r,
+        )
+        self.published = Counter(
+            "router_published_total", "Items published to Redis", ["kind", "result"], registry=r
+        )
+
+
+class SharedState:
+    """This replica's side of the shared state: outbox, flusher, stream reader, checkpoints."""
+
+    def __init__(self, settings: SharedSettings, data_dir: Path) -> None:
+        self.settings = s = settings
+        self.data_dir = Path(data_dir)
+        self.replica, self._slot_fd = claim_replica(self.data_dir)
+        self.instance = uuid.uuid4().hex[:16]  # skips its own entries when reading the streams
+        self.id_seed = secrets.randbits(64)  # decision ids unique across replicas and restarts
+        self.bus = RedisBus(connect(s.url, s.socket_timeout), s.prefix, s.shards)
+        self.outbox = Outbox(self.data_dir / "outbox")
+        self.snapshot_path = self.data_dir / "state.json"
+        self.positions: dict[int, str] = {}
+        self.up = False
+        self.reason: str | None = _NOT_CONNECTED
+        self._accept = threading.Lock()  # accepted outcome: published and applied as one step
+        self._flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_checkpoint = time.monotonic()
+        self.engine: RoutingEngine | None = None
+        self.metrics: SharedMetrics | None = None
+        self._ttl_ms = 0
+
+    # ---- start and stop --------------------------------------------------------------------
+
+    def start(self, engine: RoutingEngine) -> None:
+        """Restore the learned state (checkpoint + stream tail, or the local snapshot while
+        Redis is away), replay journals left by dead processes, start the threads."""
+        self.engine = engine
+        self.metrics = SharedMetrics(engine, self)
+        timeouts = [mc.dlr_timeout_seconds for mc in engine.config.message_classes.values()]
+        self._ttl_ms = int((max(timeouts) + 3600) * 1000)
+        self._restore()
+        self.outbox.recover()
+        if self.up:
+            self._catch_up()
+        for name, target in (("flusher", self._flush_loop), ("reader", self._read_loop)):
+            thread = threading.Thread(target=target, name=f"shared-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        """Stop the threads, publish what is left if Redis answers, snapshot locally."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self.up:
+            try:
+                self.flush()
+            except redis.RedisError as exc:
+                self._down(exc)
+        self.write_local_snapshot()
+        self.outbox.close()
+        self.bus.client.close()
+        os.close(self._slot_fd)
+
+    def _restore(self) -> None:
+        engine = self._engine
+        checkpoint = None
+        try:
+            self.bus.check_layout()
+            checkpoint = self.bus.read_checkpoint()
+            self._mark_up()
+        except redis.RedisError as exc:
+            self._down(exc)
+        local = read_snapshot(self.snapshot_path)
+        if checkpoint is not None:
+            state, self.positions = checkpoint
+            engine.load_state(state)
+        elif local is not None and "positions" in local:
+            engine.load_state(local["state"])
+            self.positions = {int(k): v for k, v in local["positions"].items()}
+        log.info("replica %s starts at stream positions %s", self.replica, self.positions)
+
+    def _catch_up(self) -> None:
+        """Apply the stream tail before serving (bounded by catch_up_seconds)."""
+        deadline = time.monotonic() + self.settings.catch_up_seconds
+        try:
+            while time.monotonic() < deadline:
+                entries = self.bus.read(self.positions, count=2000)
+                if not entries:
+                    return
+                self._apply(entries)
+        except redis.RedisError as exc:
+            self._down(exc)
+
+    # ---- health ----------------------------------------------------------------------------
+
+    @property
+    def _engine(self) -> RoutingEngine:
+        if self.engine is None:
+            raise RuntimeError("SharedState.start() has not run")
+        return self.engine
+
+    def health(self) -> dict[str, Any]:
+        """Redis up or not (and why), items waiting to be published, this replica's name."""
+        return {
+            "redis": "up" if self.up else "down",
+            "reason": self.reason,
+            "outbox": len(self.outbox),
+            "replica": self.replica,
+        }
+
+    def _mark_up(self) -> None:
+        if not self.up and self.reason != _NOT_CONNECTED:
+            log.warning("Redis answers again: publishing %d buffered item(s)", len(self.outbox))
+        self.up, self.reason = True, None
+        if self.metrics is not None:
+            self.metrics.up.set(1)
+
+    def _down(self, exc: Exception) -> None:
+        if self.up:
+            log.warning("Redis unavailable (%s): serving from the local state, buffering", exc)
+        self.up, self.reason = False, f"redis unavailable: {type(exc).__name__}: {exc}"[:300]
+        if self.metrics is not None:
+            self.metrics.up.set(0)
+
+    def _reconnect(self) -> bool:
+        try:
+            self.bus.client.ping()
+        except redis.RedisError as exc:
+            self._down(exc)
+            return False
+        self._mark_up()
+        return True
+
+    # ---- decisions -------------------------------------------------------------------------
+
+    def on_decision(self, row: Mapping[str, Any]) -> None:
+        """Queue a decision this replica made (called on the decision path: no Redis here)."""
+        payload = orjson.dumps({**row, "origin": self.replica})
+        self.outbox.append([Item("d", self.instance, row["decision_id"], payload)])
+
+    # ---- outcomes --------------------------------------------------------------------------
+
+    def record_outcomes(
+        self, events: Iterable[OutcomeEvent], tenant: str | None = None
+    ) -> list[str]:
+        """Accept outcome events: each applied once across all replicas; acknowledged only
+        once in Redis or fsynced in the local journal."""
+        engine = self._engine
+        checked = self._check(list(events), tenant)
+        repeats = [engine.is_repeat(c) for c in checked]
+        fresh = [i for i, r in enumerate(repeats) if not r]
+        with self._accept:
+            new = self._publish_outcomes([_outcome_item(checked[i], self.instance) for i in fresh])
+            apply = [i for i, r in enumerate(repeats) if r]
+            apply += [i for i, n in zip(fresh, new, strict=True) if n]
+            apply.sort()
+            applied = engine.apply_outcomes([checked[i] for i in apply])
+        results = ["duplicate"] * len(checked)
+        for i, result in zip(apply, applied, strict=True):
+            results[i] = result
+        for _ in range(len(checked) - len(apply)):
+            engine.metrics.duplicates.inc()  # already accepted by another replica
+        return results
+
+    def _check(self, events: list[OutcomeEvent], tenant: str | None) -> list[CheckedOutcome]:
+        """Check events; a decision unknown here is looked up in Redis (another replica's,
+        maybe not yet read from the streams) and waited for a moment."""
+        engine = self._engine
+        deadline = time.monotonic() + self.settings.decision_wait_seconds
+        ids = {ev.decision_id for ev in events}
+        all_published = False
+        while True:
+            try:
+                return engine.check_outcomes(events, tenant)
+            except UnknownDecision:
+                if all_published or not self.up or time.monotonic() > deadline:
+                    raise
+            try:
+                rows = self.bus.record(ids)
+            except redis.RedisError as exc:
+                self._down(exc)
+                raise UnknownDecision(
+                    "decision not known here and Redis is unavailable to look it up",
+                    field="decision_id",
+                ) from None
+            for row in rows.values():
+                self._adopt(row)
+            all_published = len(rows) == len(ids)  # then one more check settles it
+            if not all_published:
+                time.sleep(0.02)
+
+    def _publish_outcomes(self, items: list[Item]) -> list[bool]:
+        """Publish now (after this replica's queued decisions) or journal durably; per item,
+        whether it is new across all replicas."""
+        if not items:
+            return []
+        if self.up:
+            try:
+                self.flush()
+                answers = self.bus.publish(
+                    [(i.kind, i.origin, i.decision_id, i.payload) for i in items], self._ttl_ms
+                )
+                self._count("o", answers)
+                return answers
+            except redis.RedisError as exc:
+                self._down(exc)
+        self.outbox.append(items, durable=True)
+        return [True] * len(items)
+
+    # ---- publishing ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Publish everything queued, oldest first; raises RedisError if Redis fails."""
+        with self._flush_lock:
+            while batch := self.outbox.peek(1000):
+                answers = self.bus.publish(
+                    [(i.kind, i.origin, i.decision_id, i.payload) for _, i in batch],
+                    self._ttl_ms,
+                )
+                for kind in ("d", "o"):
+                    self._count(
+                        kind,
+                        [a for (_, i), a in zip(batch, answers, strict=True) if i.kind == kind],
+                    )
+                self.outbox.done(batch[-1][0])
+
+    def _count(self, kind: str, answers: list[bool]) -> None:
+        if self.metrics is not None and answers:
+            self.metrics.published.labels(kind, "new").inc(sum(answers))
+            self.metrics.published.labels(kind, "repeat").inc(len(answers) - sum(answers))
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(
+            self.settings.flush_seconds if self.up else self.settings.retry_seconds
+        ):
+            if not self.up and not self._reconnect():
+                continue
+            try:
+                self.flush()
+                self.outbox.rotate_if_due()
+            except redis.RedisError as exc:
+                self._down(exc)
+            except Exception:
+                log.exception("publishing failed; retrying")
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.up:
+                self._stop.wait(self.settings.retry_seconds)
+                continue
+            try:
+                entries = self.bus.read(self.positions)
+                if entries:
+                    self._apply(entries)
+                if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_seconds:
+                    self.checkpoint()
+            except redis.RedisError as exc:
+                self._down(exc)
+                continue
+            except Exception:
+                log.exception("applying replicated events failed; continuing")
+                continue
+            if not entries:
+                self._stop.wait(self.settings.poll_seconds)
+
+    def _apply(self, entries: list[Entry]) -> None:
+        """Apply other replicas' entries in Redis time order; own entries were applied already."""
+        metrics = self.metrics
+        now_ms = time.time() * 1000
+        for entry in entries:
+            if entry.origin != self.instance:
+                if entry.kind == "d":
+                    if self._adopt(entry.payload) and metrics is not None:
+                        metrics.applied.labels("decision").inc()
+                else:
+                    self._apply_outcome(entry.payload)
+                if metrics is not None:
+                    metrics.lag.observe(max(0.0, (now_ms - entry.millis) / 1000))
+            self.positions[entry.shard] = entry.id
+
+    def _adopt(self, payload: bytes) -> bool:
+        try:
+            return self._engine.adopt_decision(orjson.loads(payload))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("cannot adopt a replicated decision: %s", exc)
+            if self.metrics is not None:
+                self.metrics.dropped.labels("bad_decision").inc()
+            return False
+
+    def _apply_outcome(self, payload: bytes) -> None:
+        d = orjson.loads(payload)
+        event = OutcomeEvent(
+            d["decision_id"],
+            d["event"],
+            d["status"],
+            d["error_code"],
+            d["cost"],
+            d["currency"],
+            d["at"],
+        )
+        engine = self._engine
+        try:
+            checked = engine.check_outcomes([event])
+        except UnknownDecision:
+            if self.metrics is not None:
+                self.metrics.dropped.labels("unknown_decision").inc()
+            return
+        except Exception as exc:
+            log.warning("cannot apply a replicated outcome: %s", exc)
+            if self.metrics is not None:
+                self.metrics.dropped.labels("invalid").inc()
+            return
+        engine.apply_outcomes(checked, persist=False)
+        if self.metrics is not None:
+            self.metrics.applied.labels("outcome").inc()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Every replica snapshots locally; the one holding the lock also writes the shared
+        checkpoint and trims the streams behind it."""
+        self._last_checkpoint = time.monotonic()
+        state, positions = self._consistent_state()
+        write_snapshot(self.snapshot_path, _local_doc(state, positions))
+        ttl_ms = int(self.settings.checkpoint_seconds * 3000)
+        if self.bus.try_lock("checkpoint", self.instance, ttl_ms):
+            size = self.bus.write_checkpoint(state, positions)
+            self.bus.trim(positions, int(self.settings.retention_seconds * 1000))
+            log.info("checkpoint of %d bytes at %s", size, positions)
+
+    def write_local_snapshot(self) -> None:
+        """The local state with the stream positions it covers (used if Redis is away at start)."""
+        write_snapshot(self.snapshot_path, _local_doc(*self._consistent_state()))
+
+    def _consistent_state(self) -> tuple[dict[str, Any], dict[int, str]]:
+        with self._accept:
+            return self._engine.state_dict(), dict(self.positions)
+
+
+def _local_doc(state: dict[str, Any], positions: dict[int, str]) -> dict[str, Any]:
+    return {"state": state, "positions": {str(k): v for k, v in positions.items()}}
+
+
+def _outcome_item(checked: CheckedOutcome, origin: str) -> Item:
+    """An accepted outcome as an outbox item: signature (the idempotency key) and payload."""
+    flight, ev, at = checked
+    body = orjson.dumps(
+        {
+            "decision_id": ev.decision_id,
+            "event": ev.event,
+            "status": ev.status,
+            "error_code": ev.error_code,
+            "cost": ev.cost,
+            "currency": ev.currency,
+            "at": at,
+        }
+    )
+    signature = outcome_signature(ev.event, ev.status).encode()
+    return Item("o", origin, flight.decision_id, signature + b"\0" + body)
+
+
+def claim_replica(data_dir: Path) -> tuple[str, int]:
+    """A name for this replica that survives its restarts: the data folder's id and the first
+    slot in it that no live process holds (held with flock until the process ends)."""
+    folder = data_dir / "replicas"
+    folder.mkdir(parents=True, exist_ok=True)
+    id_path = folder / "id"
+    try:
+        fd = os.open(id_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(4))
+    except FileExistsError:
+        pass
+    for _ in range(50):  # the creator may not have written it yet
+        folder_id = id_path.read_text().strip()
+        if folder_id:
+            break
+        time.sleep(0.01)
+    for slot in range(1024):
+        fd = os.open(folder / f"slot-{slot}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return f"{folder_id}-{slot}", fd
+    raise RuntimeError(f"no free replica slot in {folder}")

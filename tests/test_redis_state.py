@@ -1,0 +1,196 @@
+"""The shared-state parts against a real Redis: key slots, atomic idempotency, checkpoints, and
+the local journals (outbox, decision log) that other processes must not steal while alive."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from redis.crc import key_slot
+
+from router.decision_log import DECISIONS, DecisionLog
+from router.outbox import Item, Outbox
+from router.redis_bus import RedisBus, connect
+from tests.redis_server import ExternalRedis, RedisServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bus(redis_server: RedisServer | ExternalRedis) -> RedisBus:
+    """A bus on the test Redis with 4 shards."""
+    return RedisBus(connect(redis_server.url, timeout=2), prefix="t", shards=4)
+
+
+def test_every_key_of_a_decision_lives_in_one_cluster_slot(bus: RedisBus) -> None:
+    slots = set()
+    for n in range(200):
+        did = f"{n:032x}"
+        slot = key_slot(bus.record_key(did).encode())
+        assert slot == key_slot(bus.stream_key(bus.shard_of(did)).encode())
+        slots.add(slot)
+    assert len(slots) == bus.shards  # one slot per shard, all shards used
+
+
+def test_a_decision_and_an_outcome_are_published_once(bus: RedisBus) -> None:
+    did = "ab" * 16
+    decision = ("d", "i1", did, b'{"decision_id": "' + did.encode() + b'"}')
+    outcome = ("o", "i1", did, b"dlr-final\0" + b'{"status": "DELIVRD"}')
+    assert bus.publish([decision, outcome], ttl_ms=60_000) == [True, True]
+    # Again (a replayed journal), and from another replica: nothing new.
+    assert bus.publish([decision, outcome], ttl_ms=60_000) == [False, False]
+    assert bus.publish([("o", "i2", did, outcome[3])], ttl_ms=60_000) == [False]
+    # An intermediate receipt is a different event; a second final one is not.
+    enroute = ("o", "i2", did, b"dlr-ENROUTE\0{}")
+    undeliv = ("o", "i2", did, b"dlr-final\0" + b'{"status": "UNDELIV"}')
+    assert bus.publish([enroute, undeliv], ttl_ms=60_000) == [True, False]
+    entries = bus.read({})
+    assert [(e.kind, e.origin) for e in entries] == [("d", "i1"), ("o", "i1"), ("o", "i2")]
+    assert 0 < bus.client.pttl(bus.record_key(did)) <= 60_000
+    assert bus.record([did, "cd" * 16]) == {did: decision[3]}
+
+
+def test_reading_resumes_after_a_position(bus: RedisBus) -> None:
+    ids = [f"{n:032x}" for n in range(40)]
+    bus.publish([("d", "i", did, b"{}") for did in ids], ttl_ms=60_000)
+    entries = bus.read({}, count=1000)
+    assert len(entries) == 40
+    order = [tuple(map(int, e.id.split("-"))) for e in entries]
+    assert order == sorted(order)  # merged across shards in Redis time order
+    positions = {e.shard: e.id for e in entries[:20]}
+    rest = bus.read(positions, count=1000)
+    assert [e.id for e in rest] == [e.id for e in entries[20:]]
+
+
+def test_checkpoint_round_trip_lock_and_trim(bus: RedisBus) -> None:
+    assert bus.read_checkpoint() is None
+    assert bus.try_lock("checkpoint", "me", 5_000)
+    assert not bus.try_lock("checkpoint", "other", 5_000)
+    assert bus.try_lock("checkpoint", "me", 5_000)  # kept by its holder
+    did = "ef" * 16
+    bus.publish([("d", "i", did, b"{}")], ttl_ms=60_000)
+    entry = bus.read({})[0]
+    state = {"format": 1, "model": {"x": [1.5, 2.5]}}
+    bus.write_checkpoint(state, {entry.shard: entry.id})
+    assert bus.read_checkpoint() == (state, {entry.shard: entry.id})
+    bus.trim({entry.shard: entry.id}, keep_ms=60_000)
+    assert len(bus.read({})) == 1  # kept: younger than the retention behind the checkpoint
+
+
+def test_the_shard_count_is_fixed_once_chosen(bus: RedisBus) -> None:
+    bus.check_layout()
+    other = RedisBus(bus.client, prefix="t", shards=8)
+    with pytest.raises(ValueError, match="4 shards"):
+        other.check_layout()
+
+
+def _run_and_kill(code: str, ready: Path) -> None:
+    """Run Python code in a child process until it touches `ready`, then SIGKILL it."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "child failed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def test_outbox_items_of_a_killed_process_are_replayed_in_order(tmp_path: Path) -> None:
+    folder, ready = tmp_path / "outbox", tmp_path / "ready"
+    _run_and_kill(
+        f"""
+        from pathlib import Path
+        from router.outbox import Item, Outbox
+        box = Outbox(Path({str(folder)!r}))
+        for n in range(100):
+            box.append([Item("d", "dead", f"id{{n}}", b"{{}}")], durable=n == 99)
+        Path({str(ready)!r}).touch()
+        import time; time.sleep(60)
+        """,
+        ready,
+    )
+    dead = set(folder.glob("*.jsonl"))
+    live = Outbox(folder)
+    try:
+        assert live.recover() == 100
+        items = [item for _, item in live.peek(1000)]
+        assert [i.decision_id for i in items] == [f"id{n}" for n in range(100)]
+        live.append([Item("o", "me", "id0", b"dlr-final\0{}")], durable=True)
+        seq, _ = live.peek(1000)[-1]
+        live.done(seq)
+        assert len(live) == 0
+        assert dead and not dead & set(folder.glob("*.jsonl"))  # published: journal deleted
+    finally:
+        live.close()
+
+
+def test_a_live_process_keeps_its_outbox_and_decision_log_journals(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    code = f"""
+        import time
+        from datetime import UTC, datetime
+        from pathlib import Path
+        from router.decision_log import DecisionLog
+        from router.outbox import Item, Outbox
+        box = Outbox(Path({str(tmp_path / "outbox")!r}))
+        box.append([Item("d", "live", "x", b"{{}}")], durable=True)
+        log = DecisionLog(Path({str(tmp_path / "log")!r}), validate=False)
+        log.log_outcome({{"decision_id": "x", "at": datetime.now(UTC), "event": "submit",
+                         "carrier": "c", "tenant": "t"}})
+        Path({str(ready)!r}).touch()
+        time.sleep(60)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        box = Outbox(tmp_path / "outbox")
+        assert box.recover() == 0  # the live process's journal is not claimed
+        box.close()
+        DecisionLog(tmp_path / "log", validate=False).close()
+        assert list((tmp_path / "log" / "outcomes").glob("open-*.jsonl"))  # left alone
+        assert not list((tmp_path / "log" / "outcomes").glob("*.parquet"))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    # Now it is dead: the next writer turns its journal into a segment that reads.
+    log = DecisionLog(tmp_path / "log", validate=False)
+    log.log_decision(
+        {
+            "decision_id": "y",
+            "at": datetime.now(UTC),
+            "tenant": "t",
+            "message_class": "otp",
+            "country": "RU",
+            "operator": "mts",
+            "local_hour": 1,
+            "weekday": 1,
+            "segments": 1,
+            "sender_type": "alphanumeric",
+            "attempt": 1,
+            "eligible": ["c"],
+            "probabilities": [1.0],
+            "scores": [0.0],
+            "carrier": "c",
+            "propensity": 1.0,
+            "fallbacks": [],
+            "policy": "p",
+            "policy_version": "1",
+            "price": 0.01,
+            "msisdn_hmac": "h",
+        }
+    )
+    log.close()
+    segments = list((tmp_path / "log" / "outcomes").glob("*.parquet"))
+    assert len(segments) == 1 and pq.read_table(segments[0]).num_rows == 1
+    assert len(list((tmp_path / "log" / DECISIONS).glob("*.parquet"))) == 1
+    assert not list((tmp_path / "log" / "outcomes").glob("open-*.jsonl"))
