@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import itertools
 import logging
 import random
@@ -22,17 +21,34 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from smpplib import consts
-from smpplib.client import SimpleSequenceGenerator
 
 from carriers import smsc_wire as wire
-from carriers.dlr import ESM_SMSC_RECEIPT, STATE_OF_STATUS, format_receipt_text, normalize_status
+from carriers.dlr import normalize_status
 from carriers.simclock import SimClock
-from features.clock import from_epoch
+from carriers.smsc_receipts import OwedReceipt, ReceiptDesk, Session, SMSCCounters
+
+__all__ = [
+    "ESME_RINVDSTADR",
+    "ESME_RINVPASWD",
+    "ESME_RINVSYSID",
+    "ESME_ROK",
+    "ESME_RSUBMITFAIL",
+    "ESME_RSYSERR",
+    "ESME_RTHROTTLED",
+    "Behaviour",
+    "Fate",
+    "IdFormat",
+    "PlannedReceipt",
+    "SMSCCounters",
+    "SimulatedSMSC",
+    "Submission",
+    "deliver_after",
+]
 
 log = logging.getLogger("carriers.smsc")
 
@@ -48,7 +64,6 @@ IdFormat = Literal["dec", "hex", "hex-lower", "dec-padded"]
 _ID_FORMATS = {"dec": "{:d}", "hex": "{:X}", "hex-lower": "{:x}", "dec-padded": "{:012d}"}
 _BIND_MODES = {"bind_transmitter": "tx", "bind_receiver": "rx", "bind_transceiver": "trx"}
 _CONCAT_TTL_S = 300.0
-_GSM_NETWORK = 3  # network_error_code TLV: network type GSM
 
 
 class PlannedReceipt(NamedTuple):
@@ -99,71 +114,6 @@ def deliver_after(
     """A behaviour that accepts everything and sends one receipt `delay` event seconds later."""
     fate = Fate.accept(PlannedReceipt(delay, status, error_code))
     return lambda _submission: fate
-
-
-@dataclass
-class SMSCCounters:
-    """What the SMSC has seen and done (updated by its loop thread; read them from anywhere)."""
-
-    binds: int = 0
-    bind_failures: int = 0
-    submits: int = 0
-    messages: int = 0
-    accepted: int = 0
-    parts: int = 0
-    rejected: int = 0
-    throttled: int = 0
-    dropped_sessions: int = 0
-    generic_nacks: int = 0
-    receipts_scheduled: int = 0
-    receipts_sent: int = 0
-    receipts_resent: int = 0
-    receipts_acked: int = 0
-    receipts_nacked: int = 0
-    receipts_expired: int = 0
-    receipts_dropped: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """A snapshot of the counters."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(eq=False)
-class _Receipt:
-    message_id: str
-    system_id: str
-    handset: str
-    esme_address: str
-    submit_at: float
-    due: float
-    status: str
-    error_code: str
-    text: str
-    attempts: int = 0
-    not_before: float = 0.0  # wall (monotonic) time before which it is not resent
-
-
-@dataclass(eq=False)
-class _Session:
-    writer: asyncio.StreamWriter
-    sequencer: SimpleSequenceGenerator = field(default_factory=SimpleSequenceGenerator)
-    mode: str | None = None
-    system_id: str = ""
-    submits: int = 0
-    outstanding: int = 0
-    inflight: dict[int, tuple[_Receipt, float]] = field(default_factory=dict)
-
-    @property
-    def receives(self) -> bool:
-        return self.mode in ("rx", "trx")
-
-    @property
-    def transmits(self) -> bool:
-        return self.mode in ("tx", "trx")
-
-    def send(self, data: bytes) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(data)
 
 
 @dataclass
@@ -243,11 +193,7 @@ class SimulatedSMSC:
         self.window = window
         self.id_format = id_format
         self.receipt_id_format = receipt_id_format or id_format
-        self.receipt_tlvs = receipt_tlvs
         self.part_receipts = part_receipts
-        self.receipt_ack_timeout = receipt_ack_timeout
-        self.receipt_max_attempts = receipt_max_attempts
-        self.receipt_ttl = receipt_ttl
         self.submit_resp_delay = submit_resp_delay
         self.receipt_first = receipt_first
         self.drop_every = drop_every
@@ -259,12 +205,19 @@ class SimulatedSMSC:
         self._ids = itertools.count(start)
         self._faults: deque[int] = deque()
         self._buckets: dict[str, _Bucket] = {}
-        self._sessions: set[_Session] = set()
+        self._sessions: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._scheduled: list[tuple[float, int, _Receipt]] = []
-        self._ready: dict[str, list[_Receipt]] = {}
+        self._desk = ReceiptDesk(
+            carrier_id,
+            self.clock,
+            self.counters,
+            window=window,
+            ack_timeout=receipt_ack_timeout,
+            max_attempts=receipt_max_attempts,
+            ttl=receipt_ttl,
+            tlvs=receipt_tlvs,
+        )
         self._concat: dict[tuple[str, str, int, int], _Concat] = {}
-        self._order = itertools.count()
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -321,12 +274,7 @@ class SimulatedSMSC:
     def pending_receipts(self) -> int:
         """Receipts not yet acknowledged: scheduled, waiting for a receiver, or in flight."""
 
-        def count() -> int:
-            waiting = sum(len(q) for q in self._ready.values())
-            inflight = sum(len(s.inflight) for s in self._sessions)
-            return len(self._scheduled) + waiting + inflight
-
-        return self._call(self._read(count))
+        return self._call(self._read(lambda: self._desk.pending(self._sessions)))
 
     @staticmethod
     async def _read(get: Callable[[], int]) -> int:
@@ -404,7 +352,7 @@ class SimulatedSMSC:
         assert self._done is not None
         self._done.set()
 
-    def _abort(self, session: _Session) -> None:
+    def _abort(self, session: Session) -> None:
         sock = session.writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):  # already closed
@@ -420,12 +368,15 @@ class SimulatedSMSC:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = _Session(writer)
+        session = Session(writer)
         self._sessions.add(session)
         try:
             while not writer.is_closing():
                 try:
-                    self._dispatch(session, await wire.read_raw(reader))
+                    raw = await wire.read_raw(reader)
+                    self._dispatch(session, raw)
+                except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                    break
                 except wire.BadPDU as bad:
                     self.counters.generic_nacks += 1
                     session.send(wire.response("generic_nack", bad.sequence, bad.status))
@@ -435,20 +386,17 @@ class SimulatedSMSC:
                     log.exception("SMSC %s failed on a PDU; closing the session", self.carrier_id)
                     break
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        except (ConnectionError, OSError):
             pass
         finally:
             self._close_session(session)
             self._tasks.discard(task)
 
-    def _close_session(self, session: _Session) -> None:
+    def _close_session(self, session: Session) -> None:
         if session not in self._sessions:
             return
         self._sessions.discard(session)
-        for receipt, _ in session.inflight.values():
-            receipt.not_before = 0.0
-            self._ready.setdefault(receipt.system_id, []).append(receipt)
-        session.inflight.clear()
+        self._desk.release(session)
         if not session.writer.is_closing():
             session.writer.close()
         self._poke()
@@ -457,7 +405,7 @@ class SimulatedSMSC:
         if self._wake is not None:
             self._wake.set()
 
-    def _dispatch(self, session: _Session, raw: bytes) -> None:
+    def _dispatch(self, session: Session, raw: bytes) -> None:
         pdu = wire.parse(raw)
         name = pdu.command
         if name in _BIND_MODES:
@@ -470,14 +418,15 @@ class SimulatedSMSC:
         elif name == "submit_sm":
             self._on_submit(session, pdu)
         elif name in ("deliver_sm_resp", "generic_nack"):
-            self._on_receipt_answer(session, pdu.sequence, pdu.status)
+            self._desk.answered(session, pdu.sequence, pdu.status)
+            self._poke()
         elif name == "unbind_resp":
             session.writer.close()
         elif not pdu.is_response():
             self.counters.generic_nacks += 1
             session.send(wire.response("generic_nack", pdu.sequence, consts.SMPP_ESME_RINVCMDID))
 
-    def _on_bind(self, session: _Session, pdu: Any) -> None:
+    def _on_bind(self, session: Session, pdu: Any) -> None:
         answer = pdu.command + "_resp"
         if session.mode:
             session.send(wire.response(answer, pdu.sequence, consts.SMPP_ESME_RALYBND))
@@ -505,10 +454,10 @@ class SimulatedSMSC:
 
     # ---- submits ---------------------------------------------------------------------------
 
-    def _on_submit(self, session: _Session, pdu: Any) -> None:
+    def _on_submit(self, session: Session, pdu: Any) -> None:
         self.counters.submits += 1
         if not session.transmits:
-            self._answer(session, pdu.sequence, consts.SMPP_ESME_RINVBNDSTS)
+            self._refuse(session, pdu.sequence, consts.SMPP_ESME_RINVBNDSTS)
             return
         session.submits += 1
         if self.drop_every and session.submits % self.drop_every == 0:
@@ -517,12 +466,12 @@ class SimulatedSMSC:
             return
         if session.outstanding >= self.window:
             self.counters.throttled += 1
-            self._answer(session, pdu.sequence, ESME_RTHROTTLED)
+            self._refuse(session, pdu.sequence, ESME_RTHROTTLED)
             return
         content = wire.content_of(pdu)
         if not self._take_tokens(session.system_id, content.parts):
             self.counters.throttled += 1
-            self._answer(session, pdu.sequence, ESME_RTHROTTLED)
+            self._refuse(session, pdu.sequence, ESME_RTHROTTLED)
             return
         fault = self._fault()
         if fault != ESME_ROK:
@@ -539,7 +488,7 @@ class SimulatedSMSC:
         self.counters.parts += content.parts
         self._schedule(session.system_id, number, content, fate, at)
         if self.receipt_first:
-            self._pump()
+            self._desk.pump(self._sessions)
         self._answer(session, pdu.sequence, ESME_ROK, _ID_FORMATS[self.id_format].format(number))
 
     def _take_tokens(self, system_id: str, parts: int) -> bool:
@@ -596,9 +545,14 @@ class SimulatedSMSC:
             log.exception("SMSC %s: the behaviour failed on a submit", self.carrier_id)
             return Fate.reject(ESME_RSYSERR)
 
+    def _refuse(self, session: Session, sequence: int, status: int) -> None:
+        """Refused before any processing (bind state, throttling): answered at once."""
+        session.send(wire.response("submit_sm_resp", sequence, status))
+
     def _answer(
-        self, session: _Session, sequence: int, status: int, message_id: str | None = None
+        self, session: Session, sequence: int, status: int, message_id: str | None = None
     ) -> None:
+        """The answer after processing, `submit_resp_delay` later (outstanding meanwhile)."""
         data = wire.response("submit_sm_resp", sequence, status, message_id=message_id)
         if self.submit_resp_delay <= 0:
             session.send(data)
@@ -627,7 +581,7 @@ class SimulatedSMSC:
             status = normalize_status(plan.status)
             if requested == 2 and status == "DELIVRD":
                 continue  # receipts on failure only
-            receipt = _Receipt(
+            receipt = OwedReceipt(
                 receipt_id,
                 system_id,
                 content.destination,
@@ -638,118 +592,17 @@ class SimulatedSMSC:
                 plan.error_code,
                 content.text[:20],
             )
-            heapq.heappush(self._scheduled, (receipt.due, next(self._order), receipt))
-            self.counters.receipts_scheduled += 1
+            self._desk.add(receipt)
         self._poke()
 
     async def _pump_forever(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while True:
-            delay = self._pump()
+            delay = self._desk.pump(self._sessions)
             self._wake.clear()
             timer = loop.call_later(delay, self._wake.set)
             try:
                 await self._wake.wait()
             finally:
                 timer.cancel()
-
-    def _pump(self) -> float:
-        """Send what is due; returns the wall seconds until something may next be due."""
-        now, wall = self.clock.now(), time.monotonic()
-        while self._scheduled and self._scheduled[0][0] <= now:
-            receipt = heapq.heappop(self._scheduled)[2]
-            self._ready.setdefault(receipt.system_id, []).append(receipt)
-        wait = 0.25
-        for session in list(self._sessions):
-            for sequence, (receipt, deadline) in list(session.inflight.items()):
-                if deadline <= wall:
-                    del session.inflight[sequence]
-                    self._retry(receipt, wall, backoff=0.0)
-                else:
-                    wait = min(wait, deadline - wall)
-        for system_id, queue in self._ready.items():
-            if queue:
-                queue[:] = list(self._deliver(system_id, queue, now, wall))
-                wait = min(
-                    [wait, *(r.not_before - wall for r in queue if r.not_before > wall)],
-                )
-        if self._scheduled:
-            wait = min(wait, self.clock.wall_delay(self._scheduled[0][0]))
-        return max(wait, 0.0)
-
-    def _deliver(
-        self, system_id: str, queue: list[_Receipt], now: float, wall: float
-    ) -> Iterable[_Receipt]:
-        """Send the receipts that can go now; yields those that must wait."""
-        receivers = [s for s in self._sessions if s.receives and s.system_id == system_id]
-        for receipt in queue:
-            if now > receipt.due + self.receipt_ttl:
-                self.counters.receipts_expired += 1
-                continue
-            free = [s for s in receivers if len(s.inflight) < self.window]
-            if receipt.not_before > wall or not free:
-                yield receipt
-                continue
-            self._send_receipt(min(free, key=lambda s: len(s.inflight)), receipt, wall)
-
-    def _send_receipt(self, session: _Session, receipt: _Receipt, wall: float) -> None:
-        text = format_receipt_text(
-            receipt.message_id,
-            receipt.status,
-            error_code=receipt.error_code,
-            submit_date=from_epoch(receipt.submit_at),
-            done_date=from_epoch(receipt.due),
-            text=receipt.text,
-        )
-        tlvs: dict[str, Any] = {}
-        if self.receipt_tlvs:
-            tlvs = {
-                "receipted_message_id": receipt.message_id,
-                "message_state": STATE_OF_STATUS[receipt.status],
-            }
-            if receipt.error_code.isdecimal() and int(receipt.error_code) < 1 << 16:
-                code = int(receipt.error_code).to_bytes(2, "big")
-                tlvs["network_error_code"] = bytes([_GSM_NETWORK]) + code
-        sequence, data = wire.request(
-            "deliver_sm",
-            session.sequencer,
-            service_type="",
-            source_addr_ton=1,
-            source_addr_npi=1,
-            source_addr=receipt.handset,
-            dest_addr_ton=0,
-            dest_addr_npi=0,
-            destination_addr=receipt.esme_address,
-            esm_class=ESM_SMSC_RECEIPT,
-            data_coding=0,
-            short_message=text.encode("ascii", errors="replace"),
-            **tlvs,
-        )
-        session.send(data)
-        session.inflight[sequence] = (receipt, wall + self.receipt_ack_timeout)
-        receipt.attempts += 1
-        self.counters.receipts_sent += 1
-        if receipt.attempts > 1:
-            self.counters.receipts_resent += 1
-
-    def _on_receipt_answer(self, session: _Session, sequence: int, status: int) -> None:
-        entry = session.inflight.pop(sequence, None)
-        if entry is None:
-            return
-        if status == ESME_ROK:
-            self.counters.receipts_acked += 1
-        else:
-            self.counters.receipts_nacked += 1
-            self._retry(entry[0], time.monotonic(), backoff=self.receipt_ack_timeout)
-        self._poke()
-
-    def _retry(self, receipt: _Receipt, wall: float, backoff: float) -> None:
-        if receipt.attempts >= self.receipt_max_attempts:
-            self.counters.receipts_dropped += 1
-            log.warning(
-                "SMSC %s gave up on a receipt after %d attempts", self.carrier_id, receipt.attempts
-            )
-            return
-        receipt.not_before = wall + backoff
-        self._ready.setdefault(receipt.system_id, []).append(receipt)

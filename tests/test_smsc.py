@@ -345,3 +345,31 @@ def test_world_behaviour_and_several_smscs(smscs: list[SimulatedSMSC]) -> None:
     assert {m for m, _ in conversions} <= set(good_ids) and conversions
     for esme in esmes:
         esme.close()
+
+
+def test_message_payload_parts_and_submit_window(smscs: list[SimulatedSMSC]) -> None:
+    """A long text in message_payload counts its parts; a full window answers RTHROTTLED."""
+    smsc = run(smscs, "c1", deliver_after(1.0), window=2, submit_resp_delay=0.2)
+    esme = Esme(smsc)
+    esme.client.send_message(
+        source_addr="Acme",
+        destination_addr=NUMBER,
+        message_payload=b"x" * 400,  # 3 parts of 153 septets
+        registered_delivery=1,
+    )
+    for _ in range(2):
+        esme.submit()
+    esme.read_until(lambda: len(esme.answers) == 3)
+    assert [a.status for a in esme.answers] == [ESME_RTHROTTLED, 0, 0]  # the refusal is at once
+    assert smsc.counters.parts == 4 and smsc.counters.accepted == 2
+    esme.close()
+
+
+def test_receipt_may_come_before_its_submit_answer(smscs: list[SimulatedSMSC]) -> None:
+    smsc = run(smscs, "c1", deliver_after(0.0), receipt_first=True, part_receipts="last")
+    esme = Esme(smsc)
+    esme.submit()
+    first, second = _read(esme.client), _read(esme.client)
+    assert (first.command, second.command) == ("deliver_sm", "submit_sm_resp")
+    assert receipt_from_pdu(first).message_id == second.message_id.decode()  # type: ignore[union-attr]
+    esme.close()
