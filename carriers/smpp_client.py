@@ -52,6 +52,7 @@ _STATUS_NAMES = {
     if name.startswith("SMPP_ESME_") and isinstance(value, int)
 }
 _WIRE_LOGGER = "carriers.smpp.wire"  # smpplib hex-dumps PDUs (numbers included) at DEBUG
+logging.getLogger(_WIRE_LOGGER).setLevel(logging.INFO)  # so those dumps are never emitted
 _CONNECTION_ERRORS = (exceptions.ConnectionError, exceptions.PDUError, OSError)
 _POLL_S = 0.2
 
@@ -464,6 +465,8 @@ class SmppCarrier:
     ) -> SubmitResult:
         """Send `text` to `destination` (E.164) in as many parts as it needs; block until every
         part is answered (temporary refusals retried within the bound). Thread-safe."""
+        if self._supervisor is None:
+            raise RuntimeError(f"carrier {self.carrier_id}: start() before submit()")
         message = encode(text, packed=self.packed_gsm7)
         n = len(message.parts)
         source = source or self.source_addr
@@ -660,6 +663,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, exceptions.PDUError) and len(exc.args) > 1:
         return status_name(int(exc.args[1]))
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-logging.getLogger(_WIRE_LOGGER).setLevel(logging.INFO)

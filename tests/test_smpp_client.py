@@ -5,6 +5,7 @@ Every wait is bounded; every SMSC and connection is closed by its fixture or `fi
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -15,6 +16,7 @@ import pytest
 from smpplib import consts
 
 from carriers.dlr import Receipt
+from carriers.receipt_match import ReceiptMatcher
 from carriers.smpp_client import SmppCarrier, SubmitResult
 from carriers.smsc import SimulatedSMSC, deliver_after
 
@@ -123,6 +125,28 @@ def test_pair_bind_takes_receipts_on_the_receiver(smsc_factory, connect) -> None
     assert wait_for(lambda: len(receipts.final()) == len(keys))
     assert receipts.final() == Counter(keys)
     assert smsc.counters.receipts_acked == len(keys)
+
+
+def test_receipt_on_another_connection_matched_through_a_shared_matcher(
+    smsc_factory, connect
+) -> None:
+    """Receipts for submits made on one connection come back on another bind of the same
+    account (the first one has unbound): a shared matcher still maps each to its key once."""
+    smsc = smsc_factory(behaviour=deliver_after(1.0), id_format="hex", receipt_id_format="dec")
+    matcher = ReceiptMatcher()
+    sender, receipts = connect(smsc, matcher=matcher)
+    other = SmppCarrier("sim", "127.0.0.1", smsc.port, "sim", "secret", matcher=matcher)
+    other.on_receipt = receipts
+    other.start(timeout=5)
+    try:
+        keys = [f"o{i}" for i in range(20)]
+        assert all(r.ok for r in submit_all(sender, keys))
+        sender.close(timeout=5)
+        assert wait_for(lambda: receipts.final() == Counter(keys))
+        assert other.stats.reported_receipts == len(keys)
+        assert matcher.stats.unmatched == 0
+    finally:
+        other.close(timeout=5)
 
 
 def test_long_message_goes_in_three_parts(smsc_factory, connect) -> None:
@@ -301,3 +325,19 @@ def test_wrong_password_fails_start_with_the_status(smsc_factory) -> None:
     with pytest.raises(ConnectionError, match="ESME_RINVPASWD"):
         carrier.start(timeout=1.0)
     assert not carrier.connected
+
+
+def test_no_log_line_holds_the_number(smsc_factory, connect, caplog) -> None:
+    """With every logger at DEBUG, a submit, a refusal and a receipt log no phone number
+    (smpplib's own hex dumps of the PDUs included)."""
+    caplog.set_level(logging.DEBUG)
+    smsc = smsc_factory()
+    carrier, receipts = connect(smsc)
+    smsc.fail_next(1, consts.SMPP_ESME_RINVDSTADR)
+    assert not carrier.submit("p0", NUMBER, "hello").ok
+    assert carrier.submit("p1", NUMBER, "hello").ok
+    assert wait_for(lambda: receipts.final() == Counter({"p1": 1}))
+    digits = NUMBER.lstrip("+")
+    hex_digits = digits.encode().hex()
+    assert caplog.records
+    assert digits not in caplog.text and hex_digits not in caplog.text
