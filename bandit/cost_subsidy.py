@@ -199,7 +199,7 @@ class Cof(_Base):
     samples (max LCB ≤ μ* ≤ max UCB); the candidate is dropped once its UCB is below (1−α)·max LCB
     and played once its LCB is at least (1−α)·max UCB; while undecided, the less-sampled of the
     candidate and the arm holding the highest UCB is pulled (exclusive sampling).
-    Bounds are μ̂ ± sqrt(2 ln T / n_i)."""
+    Bounds are Hoeffding's at confidence 1 − 1/T²: μ̂ ± sqrt(ln T / n_i)."""
 
     name = "COF"
 
@@ -213,7 +213,7 @@ class Cof(_Base):
         first = self.stats.unpulled()
         if first is not None:
             return first
-        radius = self._radius(math.log(self.horizon))
+        radius = self._radius(math.log(self.horizon) / 2.0)
         ucb = self.stats.means + radius
         lcb = self.stats.means - radius
         floor = (1.0 - self.alpha) * lcb.max()

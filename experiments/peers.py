@@ -252,8 +252,7 @@ def message_utility(
 ) -> float:
     """The utility the engine scores a message by: value·success − cost − latency penalty."""
     price = arm.unit_price * segments * (float(success) if arm.billing_on_delivery else 1.0)
-    penalty = mc.latency_penalty_per_second * min(latency_s or 0.0, mc.sla_seconds)
-    return mc.value * float(success) - price - (penalty if success else 0.0)
+    return mc.reward(float(success), price, latency_s if success else None)
 
 
 PEERS: dict[str, type[PeerPolicy]] = {

@@ -297,7 +297,8 @@ def write_results(
     tracking_uri: str | None = None,
     console: Console | None = None,
 ) -> Path:
-    """Run every shipped scenario and write the tables as Markdown (a generated file)."""
+    """Run every shipped scenario, then the cost-subsidy anchor, and write the tables as
+    Markdown (a generated file)."""
     sections = [
         "# Simulated policy comparisons",
         "",
@@ -315,6 +316,13 @@ def write_results(
         spec = load_scenario(scenario)
         sections += ["", f"## {scenario}", "", " ".join(spec.description.split()), ""]
         sections.append(_markdown(result.summary))
+    # Imported here: the cost-subsidy runner reuses this module's MLflow helpers.
+    from experiments.cost_subsidy_runner import markdown, run_cost_subsidy
+
+    sections += [
+        "",
+        *markdown(run_cost_subsidy(out=out, tracking_uri=tracking_uri, console=console)),
+    ]
     path.write_text("\n".join(sections) + "\n", encoding="utf-8")
     return path
 

@@ -92,6 +92,9 @@ def _demo(args: argparse.Namespace) -> int:
         DemoOptions(
             scenario=args.scenario,
             workers=args.workers,
+            concurrency=args.concurrency,
+            speed=args.speed,
+            minutes=args.minutes,
             data_dir=Path(args.data_dir),
             port=args.port,
             keep_state=args.keep_state,
@@ -107,9 +110,14 @@ def _experiment(args: argparse.Namespace) -> int:
     from experiments.world import ScenarioError
 
     try:
-        common = (parse_policies(args.policies), args.seed, Path(args.out), args.tracking_uri)
+        policies = parse_policies(getattr(args, "policies", ""))
+        common = (policies, getattr(args, "seed", 1), Path(args.out), args.tracking_uri)
         if args.action == "run":
             run_experiment(args.scenario, *common)
+        elif args.action == "cost-subsidy":
+            from experiments.cost_subsidy_runner import run_cost_subsidy
+
+            run_cost_subsidy(args.spec, Path(args.out), args.tracking_uri)
         else:
             write_results(Path(args.results), *common)
     except (ScenarioError, UnknownPolicy) as exc:
@@ -215,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="router + simulated carriers + sender workers")
     demo.add_argument("--scenario", default="demo", help="a shipped scenario name or a file")
-    demo.add_argument("--workers", type=int, default=4)
+    demo.add_argument("--workers", type=int, default=2, help="sender workers (each binds)")
+    demo.add_argument("--concurrency", type=int, default=16, help="sending threads per worker")
+    demo.add_argument(
+        "--speed", type=float, default=60.0, help="event seconds per wall second (default 60)"
+    )
+    demo.add_argument("--minutes", type=float, help="play only this many minutes of the scenario")
     demo.add_argument("--data-dir", default="data/demo")
     demo.add_argument("--port", type=int, default=0, help="0 picks a free port")
     demo.add_argument(
@@ -243,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--seed", type=int, default=1)
         action.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in --out)")
         action.add_argument("--out", default="data/experiments", help="decision logs, MLflow")
+    exp_cs = exp_sub.add_parser(
+        "cost-subsidy",
+        help="the cost-subsidy anchor (Sinha et al.): CS-TS, CS-UCB, CS-ETC, COF, ours",
+    )
+    exp_cs.add_argument("--spec", default=None, help="instances file (default: the shipped one)")
+    exp_cs.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in --out)")
+    exp_cs.add_argument("--out", default="data/experiments", help="MLflow store")
     exp.set_defaults(func=_experiment)
     ev = sub.add_parser("evaluate", help="off-policy evaluation of candidates on logged decisions")
     ev.add_argument(
