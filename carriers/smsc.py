@@ -149,7 +149,14 @@ class SimulatedSMSC:
     `clock` gives event time (receipt due times and dates); `max_tps` caps parts per wall
     second per system_id (ESME_RTHROTTLED beyond); `window` bounds both submits awaiting their
     answer and unacknowledged receipts per session. `id_format` is how submit_sm_resp gives
-    ids, `receipt_id_format` how receipts give them (default: the same). Faults: `drop_every`
+    ids, `receipt_id_format` how receipts give them (default: the same); receipts go as
+    `receipt_pdu` (deliver_sm, or data_sm with the text in message_payload), with the TLVs
+    receipted_message_id/message_state/network_error_code when `receipt_tlvs`. `part_receipts`
+    "last" sends receipts for a concatenated message's last part only. `submit_resp_delay`
+    delays each submit_sm_resp; `receipt_first` sends a receipt due at once before the
+    submit_sm_resp. Receipts are resent after `receipt_ack_timeout` wall seconds without an
+    answer, up to `receipt_max_attempts` sends, and kept at most `receipt_ttl` event seconds
+    after their due time while no receiver is bound. Faults: `drop_every`
     drops a session at its N-th submit (unanswered), `temp_error_rate`/`perm_error_rate` answer
     that share of submits with ESME_RSYSERR/ESME_RINVDSTADR, `fail_next` scripts answers.
     """
@@ -170,6 +177,7 @@ class SimulatedSMSC:
         id_format: IdFormat = "dec",
         receipt_id_format: IdFormat | None = None,
         receipt_tlvs: bool = True,
+        receipt_pdu: Literal["deliver_sm", "data_sm"] = "deliver_sm",
         part_receipts: Literal["each", "last"] = "each",
         receipt_ack_timeout: float = 5.0,
         receipt_max_attempts: int = 5,
@@ -216,6 +224,7 @@ class SimulatedSMSC:
             max_attempts=receipt_max_attempts,
             ttl=receipt_ttl,
             tlvs=receipt_tlvs,
+            pdu=receipt_pdu,
         )
         self._concat: dict[tuple[str, str, int, int], _Concat] = {}
         self._server: asyncio.Server | None = None
@@ -417,7 +426,7 @@ class SimulatedSMSC:
             session.writer.close()
         elif name == "submit_sm":
             self._on_submit(session, pdu)
-        elif name in ("deliver_sm_resp", "generic_nack"):
+        elif name in ("deliver_sm_resp", "data_sm_resp", "generic_nack"):
             self._desk.answered(session, pdu.sequence, pdu.status)
             self._poke()
         elif name == "unbind_resp":

@@ -1,9 +1,10 @@
 """The receipts a simulated SMSC owes its ESMEs, and the sessions they travel on.
 
-A receipt is due at an event time; once due it goes out as `deliver_sm` on any receiver-capable
-session of its system_id (the least busy one, within the window), waits for `deliver_sm_resp`,
-and is resent after a timeout or an error answer, a bounded number of times. While no receiver
-is bound it waits, until it expires, as real SMSCs keep receipts for a returning client.
+A receipt is due at an event time; once due it goes out as `deliver_sm` (or `data_sm`) on any
+receiver-capable session of its system_id (the least busy one, within the window), waits for
+its answer, and is resent after a timeout or an error answer, a bounded number of times. While
+no receiver is bound it waits, until it expires, as real SMSCs keep receipts for a returning
+client.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from smpplib.client import SimpleSequenceGenerator
 from smpplib.consts import SMPP_ESME_ROK
@@ -116,6 +117,7 @@ class ReceiptDesk:
         max_attempts: int,
         ttl: float,
         tlvs: bool,
+        pdu: Literal["deliver_sm", "data_sm"] = "deliver_sm",
     ) -> None:
         self.name = name
         self.clock = clock
@@ -125,6 +127,7 @@ class ReceiptDesk:
         self.max_attempts = max_attempts
         self.ttl = ttl
         self.tlvs = tlvs
+        self.pdu = pdu
         self._scheduled: list[tuple[float, int, OwedReceipt]] = []
         self._ready: dict[str, list[OwedReceipt]] = {}
         self._order = itertools.count()
@@ -142,7 +145,7 @@ class ReceiptDesk:
         session.inflight.clear()
 
     def answered(self, session: Session, sequence: int, status: int) -> None:
-        """A deliver_sm_resp (or generic_nack) came back: done, or resend after a while."""
+        """A deliver_sm_resp/data_sm_resp (or generic_nack) came back: done, or resend later."""
         entry = session.inflight.pop(sequence, None)
         if entry is None:
             return
@@ -204,21 +207,23 @@ class ReceiptDesk:
             done_date=from_epoch(receipt.due),
             text=receipt.text,
         )
-        sequence, data = wire.request(
-            "deliver_sm",
-            session.sequencer,
-            service_type="",
-            source_addr_ton=1,
-            source_addr_npi=1,
-            source_addr=receipt.handset,
-            dest_addr_ton=0,
-            dest_addr_npi=0,
-            destination_addr=receipt.esme_address,
-            esm_class=ESM_SMSC_RECEIPT,
-            data_coding=0,
-            short_message=text.encode("ascii", errors="replace"),
-            **(self._tlvs(receipt) if self.tlvs else {}),
-        )
+        fields: dict[str, Any] = {
+            "service_type": "",
+            "source_addr_ton": 1,
+            "source_addr_npi": 1,
+            "source_addr": receipt.handset,
+            "dest_addr_ton": 0,
+            "dest_addr_npi": 0,
+            "destination_addr": receipt.esme_address,
+            "esm_class": ESM_SMSC_RECEIPT,
+            "data_coding": 0,
+        }
+        body = text.encode("ascii", errors="replace")
+        if self.pdu == "data_sm":  # the text rides in message_payload, the TLVs always go
+            fields.update(registered_delivery=0, message_payload=body, **self._tlvs(receipt))
+        else:
+            fields.update(short_message=body, **(self._tlvs(receipt) if self.tlvs else {}))
+        sequence, data = wire.request(self.pdu, session.sequencer, **fields)
         session.inflight[sequence] = (receipt, wall + self.ack_timeout)
         receipt.attempts += 1
         self.counters.receipts_sent += 1

@@ -373,3 +373,25 @@ def test_receipt_may_come_before_its_submit_answer(smscs: list[SimulatedSMSC]) -
     assert (first.command, second.command) == ("deliver_sm", "submit_sm_resp")
     assert receipt_from_pdu(first).message_id == second.message_id.decode()  # type: ignore[union-attr]
     esme.close()
+
+
+def test_receipt_as_data_sm(smscs: list[SimulatedSMSC]) -> None:
+    smsc = run(smscs, "c1", deliver_after(0.0, "UNDELIV", "034"), receipt_pdu="data_sm")
+    esme = Esme(smsc)
+    esme.submit()
+    pdus = [_read(esme.client), _read(esme.client)]
+    (data_sm,) = [p for p in pdus if p.command == "data_sm"]
+    (answer,) = [p for p in pdus if p.command == "submit_sm_resp"]
+    receipt = receipt_from_pdu(data_sm)
+    assert receipt is not None
+    assert (receipt.message_id, receipt.status, receipt.error_code) == (
+        answer.message_id.decode(),
+        "UNDELIV",
+        "034",
+    )
+    assert receipt.done_date is not None  # the text rode in message_payload
+    resp = smpp.make_pdu("data_sm_resp", client=esme.client, message_id="")
+    resp.sequence = data_sm.sequence
+    esme.client.send_pdu(resp)  # smpplib's own loop leaves data_sm unanswered
+    wait_for(lambda: smsc.counters.receipts_acked == 1)
+    esme.close()
