@@ -119,7 +119,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
             run_cost_subsidy(args.spec, Path(args.out), args.tracking_uri)
         else:
-            write_results(Path(args.results), *common)
+            write_results(Path(args.results), *common, seeds=args.seeds)
     except (ScenarioError, UnknownPolicy) as exc:
         print(f"router: {exc}", file=sys.stderr)
         return 2
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp_run.add_argument("scenario", help="a shipped scenario name or a scenario file")
     exp_res = exp_sub.add_parser("results", help="every shipped scenario, to a Markdown table")
     exp_res.add_argument("--results", default="experiments/RESULTS.md", help="file to write")
+    exp_res.add_argument("--seeds", type=int, default=1, help="seeds per scenario, from --seed")
     for action in (exp_run, exp_res):
         action.add_argument(
             "--policies",

@@ -16,7 +16,14 @@ from mlflow.tracking import MlflowClient
 from carriers.catalog import Catalog, load_catalog
 from experiments import peers as peers_module
 from experiments.peers import PEERS, missing_library
-from experiments.runner import _playable, parse_policies, play_policy, run_experiment
+from experiments.runner import (
+    _playable,
+    mean_over_seeds,
+    parse_policies,
+    play_policy,
+    run_experiment,
+    verdict,
+)
 from experiments.world import ScenarioSpec, World
 from router.config import load_config
 from router.decision_log import DECISION_SCHEMA, DECISIONS, read_stream
@@ -147,3 +154,30 @@ def test_missing_library_is_skipped_with_a_reason(monkeypatch: pytest.MonkeyPatc
     text = console.export_text()
     assert "skipping peer 'pybandits_cc'" in text
     assert "pip install -e '.[peers]'" in text
+
+
+def test_seed_tables_merge_and_the_verdict_names_who_wins() -> None:
+    def table(thompson: float, static: float, reaction: float) -> pd.DataFrame:
+        rows = {
+            "oracle": {"utility": 10.0, "regret_pct": 0.0, "outage_reaction_s": 1.0},
+            "thompson": {
+                "utility": thompson,
+                "regret_pct": 100 - 10 * thompson,
+                "outage_reaction_s": reaction,
+            },
+            "static": {
+                "utility": static,
+                "regret_pct": 100 - 10 * static,
+                "outage_reaction_s": 5.0,
+            },
+        }
+        return pd.DataFrame.from_dict(rows, orient="index").rename_axis("policy")
+
+    merged = mean_over_seeds([table(9.0, 8.0, 30.0), table(7.0, 9.0, 90.0)])
+    assert list(merged.index) == ["oracle", "thompson", "static"]
+    assert merged.loc["thompson", "utility"] == pytest.approx(8.0)
+    assert merged.loc["static", "utility"] == pytest.approx(8.5)
+    assert merged.loc["thompson", "outage_reaction_s"] == 90.0  # the slowest seed
+    assert merged.loc["thompson", "utility_sd"] == pytest.approx(np.std([9.0, 7.0], ddof=1))
+    assert verdict(merged) == "`thompson` is beaten on utility by: static (+0.5)."
+    assert verdict(table(9.0, 8.0, 30.0)).startswith("`thompson` has the highest utility")
