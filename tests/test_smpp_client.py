@@ -261,6 +261,7 @@ def test_killed_and_restarted_smsc_loses_and_doubles_nothing(smsc_factory, conne
     assert wait_for(lambda: len(results) >= 60)
     smsc.kill()
     assert wait_for(lambda: not carrier.connected, timeout=5)
+    assert smsc.pending_receipts > 0  # owed at the kill: they must come after the rebind
     time.sleep(1.0)
     smsc.restart()
     assert wait_for(lambda: carrier.connected)
