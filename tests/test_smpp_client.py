@@ -115,16 +115,22 @@ def test_submit_and_receipt_matched_to_key(
     assert stats.accepted_parts == smsc.counters.accepted == len(keys)
 
 
-def test_pair_bind_takes_receipts_on_the_receiver(smsc_factory, connect) -> None:
-    """Transmitter plus receiver: two sessions, receipts (sent only to receivers) matched."""
-    smsc = smsc_factory(id_format="hex")
-    carrier, receipts = connect(smsc, bind="pair")
-    assert wait_for(lambda: smsc.bound_sessions == 2)
+@pytest.mark.parametrize("bind", ["pair", "transceiver"])
+@pytest.mark.parametrize("receipt_pdu", ["deliver_sm", "data_sm"])
+def test_receipts_by_deliver_sm_or_data_sm_on_either_bind(
+    smsc_factory, connect, bind: str, receipt_pdu: str
+) -> None:
+    """Transceiver, or transmitter plus receiver (receipts go only to receivers): receipts as
+    deliver_sm or as data_sm are acknowledged and matched."""
+    smsc = smsc_factory(id_format="hex", receipt_pdu=receipt_pdu)
+    carrier, receipts = connect(smsc, bind=bind)
+    sessions = 2 if bind == "pair" else 1
+    assert wait_for(lambda: smsc.bound_sessions == sessions)
     keys = [f"p{i}" for i in range(20)]
     assert all(r.ok for r in submit_all(carrier, keys))
     assert wait_for(lambda: len(receipts.final()) == len(keys))
     assert receipts.final() == Counter(keys)
-    assert smsc.counters.receipts_acked == len(keys)
+    assert wait_for(lambda: smsc.counters.receipts_acked == len(keys))
 
 
 def test_receipt_on_another_connection_matched_through_a_shared_matcher(
