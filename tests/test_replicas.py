@@ -16,8 +16,18 @@ RU = "+79031234567"
 
 
 def replica_args(redis_url: str, *extra: str) -> tuple[str, ...]:
-    """`router serve` options of a replica on the test Redis (fast checkpoints, no MLflow)."""
-    return ("--redis-url", redis_url, "--no-mlflow", "--checkpoint-seconds", "2", *extra)
+    """`router serve` options of a replica on the test Redis (fast checkpoints, no MLflow; API
+    keys off: these tests are about shared learning, tenants have tests of their own)."""
+    return (
+        "--redis-url",
+        redis_url,
+        "--no-mlflow",
+        "--checkpoint-seconds",
+        "2",
+        "--auth",
+        "off",
+        *extra,
+    )
 
 
 def at(seconds: float) -> str:
