@@ -6,6 +6,7 @@ Every wait is bounded; every SMSC and connection is closed by its fixture or `fi
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections import Counter
@@ -13,11 +14,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from smpplib import consts
+from smpplib import consts, smpp
 
 from carriers.dlr import Receipt
 from carriers.receipt_match import ReceiptMatcher
-from carriers.smpp_client import SmppCarrier, SubmitResult
+from carriers.smpp_client import SmppCarrier, SubmitResult, _Pending
 from carriers.smsc import SimulatedSMSC, deliver_after
 
 NUMBER = "+447700900123"
@@ -348,3 +349,25 @@ def test_no_log_line_holds_the_number(smsc_factory, connect, caplog) -> None:
     hex_digits = digits.encode().hex()
     assert caplog.records
     assert digits not in caplog.text and hex_digits not in caplog.text
+
+
+def test_generic_nack_fails_the_waiting_submit_as_temporary(smsc_factory, connect) -> None:
+    """A submit_sm the SMSC cannot parse (a stray byte after its body, injected on the real
+    link) draws generic_nack: that submit fails as temporary, the link stays usable."""
+    smsc = smsc_factory()
+    carrier, _ = connect(smsc)
+    bind = carrier._link.tx
+    pending = _Pending(None)
+    with bind.send_lock:
+        pdu = smpp.make_pdu(
+            "submit_sm", client=bind.client, destination_addr="1", short_message=b"x"
+        )
+        raw = pdu.generate() + b"\x00"
+        pending.sequence = pdu.sequence
+        with bind.waiting_lock:
+            bind.waiting[pdu.sequence] = pending
+        bind.client._socket.sendall(struct.pack(">L", len(raw)) + raw[4:])
+    assert pending.done.wait(5)
+    assert pending.temporary and pending.error == "generic_nack ESME_RINVCMDLEN"
+    assert carrier.stats.generic_nacks == 1 and smsc.counters.generic_nacks == 1
+    assert carrier.submit("after", NUMBER, "hi").ok
