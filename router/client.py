@@ -85,6 +85,8 @@ class RouterClient:
 
     def _post(self, path: str, body: Any) -> Any:
         resp = self.http.post(path, json=body)
+        if resp.status_code == 429 or resp.status_code >= 500:
+            resp.raise_for_status()  # busy or failing: the caller may retry, nothing was applied
         data = resp.json()
         if resp.status_code >= 400:
             raise _error(data)

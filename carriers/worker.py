@@ -1,0 +1,352 @@
+"""The sender worker: queue -> router decision -> carrier -> outcomes, with retries in the SLA.
+
+Each job is routed over HTTP, submitted on the chosen carrier's link, and its submit result,
+receipts and (for retries) follow-up decisions reported back to the router. A job is
+acknowledged on the queue only after its submit outcome reached the router, and the job ledger
+lets a worker that takes over a dead worker's job reuse its decision and skip what was already
+submitted: at-least-once delivery, never a double count.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+
+from carriers.dlr import Receipt
+from carriers.encoding import parts_count
+from carriers.ledger import JobLedger, JobRecord, MemoryLedger
+from carriers.queue import Delivery, Job, MessageQueue
+from carriers.reporter import OutcomeReporter
+from carriers.smpp_client import SubmitResult
+from router.client import RouterClient
+from router.engine import OutcomeEvent, RouteDecision, RouteRequest
+from router.errors import RoutingError
+
+log = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    """Event time for the worker's reports: wall time in production, simulated in the demo."""
+
+    def now(self) -> float: ...
+
+
+class WallClock:
+    """Wall-clock time (epoch seconds)."""
+
+    def now(self) -> float:
+        """Seconds since the epoch."""
+        return time.time()
+
+
+def receipt_time(receipt: Receipt, now: float, max_age_s: float = 48 * 3600) -> float:
+    """The event time of a receipt: its `done date` when plausible, else when it arrived.
+
+    The done date is when the carrier saw the outcome, so latency is measured without the
+    receipt's transit; a date in the future or older than the DLR timeout (a carrier stamping
+    local time without a zone, say) is not trusted.
+    """
+    if receipt.done_date is None:
+        return now
+    done = receipt.done_date.timestamp()
+    return done if now - max_age_s <= done <= now + 1.0 else now
+
+
+class CarrierLink(Protocol):
+    """A connection to one carrier (SMPP here; HTTP carriers would fit the same shape)."""
+
+    def submit(
+        self, key: str, destination: str, text: str, *, source: str | None = None
+    ) -> SubmitResult: ...
+
+    def close(self, timeout: float = 10.0) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker sends: concurrency, retries and their time limit per message class."""
+
+    concurrency: int = 8
+    batch: int = 16
+    sla_seconds: Mapping[str, float] = field(default_factory=lambda: {"otp": 60.0})
+    default_sla_seconds: float = 300.0
+    max_attempts: int = 3
+    poll_s: float = 0.2
+    router_backoff_s: tuple[float, float] = (0.2, 5.0)
+
+
+@dataclass
+class WorkerStats:
+    """What the worker did (for the demo's summary and the tests)."""
+
+    jobs: int = 0
+    routed: int = 0
+    submitted: int = 0
+    submit_failed: int = 0
+    retries: int = 0
+    unroutable: int = 0
+    receipts: int = 0
+    unmatched_receipts: int = 0
+    skipped_redelivered: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    job: Job
+    attempt: int
+    exclude: tuple[str, ...]
+    parent: str | None
+    first_at: float
+
+
+class SenderWorker:
+    """Sends jobs from a queue through the router's decisions and the carriers' links."""
+
+    def __init__(
+        self,
+        router: RouterClient,
+        links: Mapping[str, CarrierLink],
+        jobs: MessageQueue,
+        *,
+        ledger: JobLedger | None = None,
+        clock: Clock | None = None,
+        options: WorkerOptions | None = None,
+        on_decision: Callable[[Job, RouteDecision], None] | None = None,
+    ) -> None:
+        self.router = router
+        self.links = dict(links)
+        self.jobs = jobs
+        self.ledger = ledger or MemoryLedger()
+        self.clock = clock or WallClock()
+        self.options = options or WorkerOptions()
+        self.on_decision = on_decision
+        self.reporter = OutcomeReporter(router)
+        self.stats = WorkerStats()
+        self._retries: queue.Queue[_Attempt] = queue.Queue()
+        self._pending: dict[str, _Attempt] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._busy = 0
+        self._threads: list[threading.Thread] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the reporter and the sending threads."""
+        self.reporter.start()
+        for i in range(self.options.concurrency):
+            th = threading.Thread(target=self._loop, name=f"sender-{i}", daemon=True)
+            th.start()
+            self._threads.append(th)
+
+    def idle(self) -> bool:
+        """No job in hand, no retry waiting, nothing left to report."""
+        with self._lock:
+            busy = self._busy
+        return busy == 0 and self._retries.empty() and self.reporter.backlog() == 0
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful: stop taking jobs, finish those in hand and their retries, report all."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        for th in self._threads:
+            th.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.reporter.stop(timeout=max(0.1, deadline - time.monotonic()))
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_prune = time.monotonic()
+        while True:
+            if time.monotonic() - last_prune > 1.0:
+                self.prune()
+                last_prune = time.monotonic()
+            try:
+                retry = self._retries.get_nowait()
+            except queue.Empty:
+                retry = None
+            if retry is not None:
+                self._run(lambda r=retry: self._send(r))
+                continue
+            if self._stop.is_set():
+                return
+            deliveries = self.jobs.get(self.options.batch, self.options.poll_s)
+            for d in deliveries:
+                self._run(lambda d=d: self._take(d))
+
+    def _run(self, work: Callable[[], None]) -> None:
+        with self._lock:
+            self._busy += 1
+        try:
+            work()
+        except Exception:  # one bad job must not kill the worker; it stays unacknowledged
+            log.exception("sending a job failed")
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _take(self, delivery: Delivery) -> None:
+        job = delivery.job
+        self.stats.jobs += 1
+        record = self.ledger.get(job.job_id)
+        if record is not None and record.submitted:
+            # Sent by a worker that died before acknowledging: its submit outcome may not have
+            # reached the router, so report it again (a repeat changes nothing there).
+            self.stats.skipped_redelivered += 1
+            event = OutcomeEvent(record.decision_id, "submit", "ACCEPTED", at=self.clock.now())
+            self.reporter.report([event], lambda: self.jobs.ack(delivery))
+            return
+        first_at = job.at if job.at is not None else self.clock.now()
+        attempt = _Attempt(job, 1, (), None, first_at)
+        self._send(attempt, reuse=record, done=lambda: self.jobs.ack(delivery))
+
+    def _send(
+        self,
+        a: _Attempt,
+        reuse: JobRecord | None = None,
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        """Route (or reuse a recorded decision), submit, report; retry a failure in the SLA."""
+        job = a.job
+        if reuse is not None and reuse.carrier in self.links:
+            decision_id, carrier = reuse.decision_id, reuse.carrier
+            a = _Attempt(job, reuse.attempt, a.exclude, a.parent, a.first_at)
+        else:
+            decision = self._route(a)
+            if decision is None:
+                if done is not None:
+                    done()
+                return
+            decision_id, carrier = decision.decision_id, decision.carrier
+            self.ledger.put(job.job_id, JobRecord(decision_id, carrier, a.attempt, False))
+            if self.on_decision is not None:
+                self.on_decision(job, decision)
+        link = self.links.get(carrier)
+        with self._lock:
+            self._pending[decision_id] = a
+        if link is None:
+            result = SubmitResult(False, (), -1, "NO_LINK", False, parts_count(job.text))
+        else:
+            result = link.submit(decision_id, job.to, job.text, source=job.source)
+        now = self.clock.now()
+        event = OutcomeEvent(
+            decision_id,
+            "submit",
+            status="ACCEPTED" if result.ok else (result.error or "ERROR"),
+            error_code=None if result.ok else str(result.command_status),
+            at=now,
+        )
+        if result.ok:
+            self.stats.submitted += 1
+            self.ledger.put(job.job_id, JobRecord(decision_id, carrier, a.attempt, True))
+            for mid in result.message_ids:
+                self.ledger.map_message(carrier, mid, decision_id)
+        else:
+            self.stats.submit_failed += 1
+            with self._lock:
+                self._pending.pop(decision_id, None)
+        self.reporter.report([event], done)
+        if not result.ok:
+            self._maybe_retry(a, decision_id, carrier, now)
+
+    def _route(self, a: _Attempt) -> RouteDecision | None:
+        job = a.job
+        req = RouteRequest(
+            to=job.to,
+            message_class=job.message_class,
+            tenant=job.tenant,
+            sender_type=job.sender_type,
+            segments=parts_count(job.text),
+            mccmnc=job.mccmnc,
+            exclude=a.exclude,
+            attempt=a.attempt,
+            parent_decision_id=a.parent,
+            at=self.clock.now(),
+        )
+        delay = self.options.router_backoff_s[0]
+        while True:
+            try:
+                decision = self.router.route(req)
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                if self._stop.is_set() and a.attempt > 1:
+                    return None
+                log.warning("router unreachable (%s); retrying", type(exc).__name__)
+                time.sleep(delay)
+                delay = min(self.options.router_backoff_s[1], delay * 2)
+                continue
+            except RoutingError as exc:
+                self.stats.unroutable += 1
+                log.warning("job not routable: %s", exc)
+                return None
+            self.stats.routed += 1
+            return decision
+
+    def _maybe_retry(self, a: _Attempt, decision_id: str, carrier: str, now: float) -> None:
+        sla = self.options.sla_seconds.get(a.job.message_class, self.options.default_sla_seconds)
+        if a.attempt >= self.options.max_attempts or now - a.first_at >= sla:
+            return
+        self.stats.retries += 1
+        self._retries.put(
+            _Attempt(a.job, a.attempt + 1, (*a.exclude, carrier), decision_id, a.first_at)
+        )
+
+    # ---- receipts --------------------------------------------------------------------------
+
+    def receipt_handler(self, carrier: str) -> Callable[[str, Receipt], None]:
+        """The `on_receipt` callback for `carrier`'s link."""
+        return lambda key, receipt: self.on_receipt(carrier, key, receipt)
+
+    def on_receipt(self, carrier: str, decision_id: str | None, receipt: Receipt) -> None:
+        """Report a receipt; a final failure inside the SLA sends the job on the next carrier.
+
+        `decision_id` is None when the link could not match the receipt (the message was
+        submitted by another worker): then the shared ledger is asked.
+        """
+        if decision_id is None:
+            decision_id = self.ledger.decision_for(carrier, receipt.message_id)
+            if decision_id is None:
+                self.stats.unmatched_receipts += 1
+                return
+        self.stats.receipts += 1
+        now = self.clock.now()
+        at = receipt_time(receipt, now)
+        self.reporter.report(
+            [
+                OutcomeEvent(
+                    decision_id,
+                    "dlr",
+                    status=receipt.status,
+                    error_code=receipt.error_code,
+                    at=at,
+                )
+            ]
+        )
+        if not receipt.final:
+            return
+        with self._lock:
+            a = self._pending.pop(decision_id, None)
+        if a is not None and receipt.status != "DELIVRD":
+            self._maybe_retry(a, decision_id, carrier, now)
+
+    def awaiting_receipts(self) -> int:
+        """Sent messages whose final receipt is still wanted (inside their SLA)."""
+        with self._lock:
+            return len(self._pending)
+
+    def prune(self) -> None:
+        """Forget pending attempts whose SLA has passed (no retry can help them any more)."""
+        now = self.clock.now()
+        with self._lock:
+            for decision_id, a in list(self._pending.items()):
+                sla = self.options.sla_seconds.get(
+                    a.job.message_class, self.options.default_sla_seconds
+                )
+                if now - a.first_at >= sla:
+                    del self._pending[decision_id]
