@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 import gsm0338  # noqa: F401  (registers the "gsm03.38" codec)
 
@@ -57,6 +58,7 @@ class Concatenation:
     number: int
 
 
+@lru_cache(maxsize=8192)
 def _gsm7_cost(char: str) -> int | None:
     """Septets `char` takes in GSM 03.38 (1, or 2 for the extension table), None if absent."""
     if char == _ESC:
@@ -67,9 +69,21 @@ def _gsm7_cost(char: str) -> int | None:
         return None
 
 
+@lru_cache(maxsize=256)
+def _gsm7_bytes(text: str) -> bytes | None:
+    """The text in GSM 03.38, unpacked, one septet per octet (None if it does not fit); cached
+    because choosing the coding, counting and encoding all need it for the same text."""
+    if _ESC in text:
+        return None
+    try:
+        return text.encode(_GSM_CODEC)
+    except UnicodeEncodeError:
+        return None
+
+
 def is_gsm7(text: str) -> bool:
     """True when every character of `text` is in the GSM 03.38 default alphabet or extension."""
-    return all(_gsm7_cost(char) is not None for char in text)
+    return _gsm7_bytes(text) is not None
 
 
 def choose_data_coding(text: str) -> int:
@@ -88,7 +102,9 @@ def text_length(text: str, data_coding: int | None = None) -> int:
     """Length in the coding's units (septets with extension characters counted double, or UCS-2
     code units with non-BMP characters counted double)."""
     coding = choose_data_coding(text) if data_coding is None else data_coding
-    return sum(_costs(text, coding))
+    if coding == GSM7:
+        return len(_gsm7_bytes(text) or b"")
+    return len(text.encode("utf-16-be", errors="surrogatepass")) // 2
 
 
 def _limits(data_coding: int) -> tuple[int, int]:
@@ -100,10 +116,10 @@ def _limits(data_coding: int) -> tuple[int, int]:
 
 def _chunks(text: str, data_coding: int) -> tuple[str, ...]:
     """Cut `text` between characters into the chunks its parts carry, with no part limit."""
-    costs = _costs(text, data_coding)
     single, per_part = _limits(data_coding)
-    if sum(costs) <= single:
+    if text_length(text, data_coding) <= single:
         return (text,)
+    costs = _costs(text, data_coding)
     chunks: list[str] = []
     start, used = 0, 0
     for index, cost in enumerate(costs):
@@ -179,7 +195,7 @@ def _encode_chunk(chunk: str, data_coding: int, packed: bool, udh: bytes) -> byt
     """One part's `short_message`: the UDH (if any) and the chunk in the data coding."""
     if data_coding == UCS2:
         return udh + chunk.encode("utf-16-be", errors="surrogatepass")
-    septets = chunk.encode(_GSM_CODEC)
+    septets = _gsm7_bytes(chunk) or b""
     if not packed:
         return udh + septets
     return udh + pack_septets(septets, _udh_fill_bits(len(udh)) if udh else 0)
