@@ -22,6 +22,7 @@ from router.auth import Auth, Principal, open_auth
 from router.bodylimit import MAX_BODY_BYTES, BodySizeLimit
 from router.engine import OutcomeEvent, RouteDecision, RouteRequest
 from router.errors import RoutingError
+from router.redact import NoNumber
 from router.service import RouterService
 
 MAX_BATCH = 1000
@@ -114,13 +115,13 @@ class OutcomeIn(_Body):
 
     decision_id: str = Field(pattern=_ID)
     event: Literal["submit", "dlr", "conversion"]
-    status: str | None = Field(
+    status: NoNumber | None = Field(
         None,
         max_length=32,
         description="dlr: DELIVRD, UNDELIV, EXPIRED, REJECTD, DELETED, "
         "UNKNOWN, ACCEPTD, ENROUTE; submit: ACCEPTED or the error",
     )
-    error_code: str | None = Field(None, max_length=32)
+    error_code: NoNumber | None = Field(None, max_length=32)
     cost: Number | None = Field(None, ge=0, le=1000, allow_inf_nan=False)
     currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
     at: AwareDatetime | None = None
@@ -150,7 +151,7 @@ class OutcomesOut(BaseModel):
 class PauseIn(_Body):
     """Why a carrier is paused."""
 
-    reason: str = Field("paused by an operator", max_length=200)
+    reason: NoNumber = Field("paused by an operator", max_length=200)
 
 
 def _epoch(at: datetime | None) -> float | None:

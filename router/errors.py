@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from router.redact import redact
+
 
 class RoutingError(Exception):
     """Base of every error a client can cause; nothing is learned or logged from it."""
@@ -24,15 +26,15 @@ class RoutingError(Exception):
         self.details = dict(details or {})
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON error body."""
+        """The JSON error body; echoed values that could be phone numbers are hidden."""
         message = self.message
         if self.field and not message.startswith(self.field):
             message = f"{self.field}: {message}"
-        body: dict[str, Any] = {"code": self.code, "message": message}
+        body: dict[str, Any] = {"code": self.code, "message": redact(message)}
         if self.field:
             body["field"] = self.field
         if self.details:
-            body["details"] = self.details
+            body["details"] = redact(self.details)
         return body
 
 
