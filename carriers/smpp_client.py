@@ -249,6 +249,7 @@ class _BindConnection:
         except Exception:
             log.exception("%s %s reader failed", self.carrier.carrier_id, self.mode)
         finally:
+            self.unbound.set()  # the bind is over either way: close() need not wait for it
             if not self.stopping:
                 self.link.dead.set()
 
