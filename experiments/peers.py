@@ -76,7 +76,7 @@ class _PerDestination(PeerPolicy):
         self,
         model: CarrierModel,
         seed: int | None = None,
-        n_samples: int = 64,
+        n_samples: int = 32,
         cache_seconds: float = 1.0,
     ) -> None:
         super().__init__(model, seed, cache_seconds)
@@ -154,7 +154,7 @@ class PybanditsCostControl(_PerDestination):
         model: CarrierModel,
         seed: int | None = None,
         subsidy: float = 0.05,
-        n_samples: int = 64,
+        n_samples: int = 32,
         cache_seconds: float = 1.0,
     ) -> None:
         super().__init__(model, seed, n_samples, cache_seconds)
