@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import threading
@@ -156,7 +157,11 @@ def main() -> None:
     server.start()
     try:
         port = port_queue.get(timeout=30)
-        print(f"SMSC in process {server.pid} on 127.0.0.1:{port}; {args.repeats} repeats")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(
+            f"SMSC in process {server.pid} on 127.0.0.1:{port}; {args.repeats} repeats of "
+            f"{args.seconds:g} s; {os.cpu_count()} cores, load average {load}"
+        )
         print(
             f"{'configuration':28} {'receipts':>8} {'TCP_NODELAY':>11} "
             f"{'submits/s':>10} {'receipts/s':>11}"
@@ -165,22 +170,24 @@ def main() -> None:
             for burst in (False, True):
                 mode = "burst" if burst else "live"
                 medians = {}
-                for nodelay in (True, False):
-                    runs = [
-                        _run(
-                            port,
-                            release_at,
-                            connections=connections,
-                            threads_per_connection=threads,
-                            nodelay=nodelay,
-                            seconds=args.seconds,
-                            burst=burst,
+                runs: dict[bool, list[Run]] = {True: [], False: []}
+                for _ in range(args.repeats):  # on and off alternate, so both see the same load
+                    for nodelay in (True, False):
+                        runs[nodelay].append(
+                            _run(
+                                port,
+                                release_at,
+                                connections=connections,
+                                threads_per_connection=threads,
+                                nodelay=nodelay,
+                                seconds=args.seconds,
+                                burst=burst,
+                            )
                         )
-                        for _ in range(args.repeats)
-                    ]
-                    lost = sum(r.submitted - r.receipts for r in runs)
-                    sub = statistics.median(r.submits_per_s for r in runs)
-                    rec = statistics.median(r.receipts_per_s for r in runs)
+                for nodelay in (True, False):
+                    lost = sum(r.submitted - r.receipts for r in runs[nodelay])
+                    sub = statistics.median(r.submits_per_s for r in runs[nodelay])
+                    rec = statistics.median(r.receipts_per_s for r in runs[nodelay])
                     medians[nodelay] = (sub, rec)
                     note = f"  ({lost} receipts missing)" if lost else ""
                     print(

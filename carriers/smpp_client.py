@@ -113,7 +113,7 @@ class _Pending:
         self.done = threading.Event()
         self.status = 0
         self.message_id = ""
-        self.failure: str | None = None
+        self.failure: str | None = "timeout"  # what it reads as until resolved
 
     def resolve(self, status: int = 0, message_id: str = "", failure: str | None = None) -> None:
         self.status, self.message_id, self.failure = status, message_id, failure
@@ -550,7 +550,7 @@ class SmppCarrier:
                 pending.resolve(failure="timeout")
                 self._count("timeouts")
             else:
-                pending.done.wait()  # the reader holds it and resolves it now
+                pending.done.wait(self.submit_timeout_s)  # the reader is resolving it now
 
     def _count_outcome(self, pending: _Pending) -> None:
         if pending.ok:
@@ -589,10 +589,12 @@ class SmppCarrier:
             self._count("late_responses")
             return
         message_id = _text(getattr(pdu, "message_id", None))
+        early: list[Receipt] = []
         if pdu.status == consts.SMPP_ESME_ROK and pending.sent is not None and message_id:
-            for receipt in self.matcher.sent(message_id, pending.sent):
-                self._report(pending.sent, receipt)
+            early = self.matcher.sent(message_id, pending.sent)
         pending.resolve(pdu.status, message_id)
+        for receipt in early:
+            self._report(pending.sent, receipt)
 
     def _on_generic_nack(self, bind: _BindConnection, pdu: Any) -> None:
         self._count("generic_nacks")
