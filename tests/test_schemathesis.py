@@ -66,7 +66,7 @@ def test_no_input_gets_a_server_error(
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(
-            max_examples=20,
+            max_examples=15,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             database=None,
