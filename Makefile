@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint bench serve clean
+.PHONY: setup demo test lint bench serve clean redis-server
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -12,7 +12,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed redis-server
+
+# Tests start a private redis-server on a free port (or use $$REDIS_URL); install one if missing.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q --no-install-recommends redis-server; \
+	  else \
+	    echo "redis-server not found: install it (apt-get install redis-server, brew install redis) or set REDIS_URL" >&2; \
+	  fi; }
 
 demo: setup
 	$(BIN)/router demo

@@ -183,10 +183,10 @@ class RouterService:
 
     def close(self) -> None:
         """Flush everything: the open log segments, a last snapshot, the MLflow run."""
+        self.log.close()
         if self.shared is not None:
             self.shared.close()  # publishes what is queued and snapshots locally
-        self.log.close()
-        if self.shared is None:
+        else:
             self.snapshot()
         if self.run is not None:
             self.log_metrics()

@@ -96,7 +96,7 @@ class SharedState:
         self.id_seed = secrets.randbits(64)  # decision ids unique across replicas and restarts
         self.bus = RedisBus(connect(s.url, s.socket_timeout), s.prefix, s.shards)
         self.outbox = Outbox(self.data_dir / "outbox")
-        self.snapshot_path = self.data_dir / "state.json"
+        self.snapshot_path = self.data_dir / "replicas" / f"{self.replica}.state.json"
         self.positions: dict[int, str] = {}
         self.up = False
         self.reason: str | None = _NOT_CONNECTED
@@ -181,12 +181,14 @@ class SharedState:
         return self.engine
 
     def health(self) -> dict[str, Any]:
-        """Redis up or not (and why), items waiting to be published, this replica's name."""
+        """Redis up or not (and why), items waiting to be published, this replica's name and
+        how many final answers its learner holds (the same on every replica once settled)."""
         return {
             "redis": "up" if self.up else "down",
             "reason": self.reason,
             "outbox": len(self.outbox),
             "replica": self.replica,
+            "learned": self._engine.stats.learned,  # final answers in this replica's learner
         }
 
     def _mark_up(self) -> None:

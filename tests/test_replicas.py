@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import httpx
+import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import T0, LiveServer, launch_server, wait_ready
-from tests.redis_server import ExternalRedis, RedisServer
+from tests.redis_server import ExternalRedis, RedisServer, redis_from_env
 
 RU = "+79031234567"
 
@@ -88,13 +94,26 @@ def evidence(server: LiveServer) -> dict[str, float]:
     return {c["id"]: c["countries"]["RU"]["evidence"] for c in body["carriers"] if c["countries"]}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ExternalRedis]:
+    """One Redis for the module's replicas (REDIS_URL's, flushed, or a private server)."""
+    srv = redis_from_env(tmp_path_factory.mktemp("redis"))
+    if isinstance(srv, ExternalRedis):
+        with srv.client() as c:
+            c.flushdb()
+    yield srv
+    if isinstance(srv, RedisServer):
+        srv.kill()
+
+
+@pytest.fixture(scope="module")
 def pair(
-    redis_server: RedisServer | ExternalRedis, tmp_path_factory: pytest.TempPathFactory
+    shared_redis: RedisServer | ExternalRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LiveServer, LiveServer]]:
-    """Two replicas (own data folders, as on two hosts) sharing the test Redis."""
-    a = launch_server(tmp_path_factory.mktemp("a"), *replica_args(redis_server.url))
-    b = launch_server(tmp_path_factory.mktemp("b"), *replica_args(redis_server.url))
+    """Two replicas (own data folders, as on two hosts) sharing one Redis; the tests below
+    count what they add (deltas), at event times of their own."""
+    a = launch_server(tmp_path_factory.mktemp("a"), *replica_args(shared_redis.url))
+    b = launch_server(tmp_path_factory.mktemp("b"), *replica_args(shared_redis.url))
     wait_ready(a)
     wait_ready(b)
     yield a, b
@@ -106,34 +125,35 @@ def test_outcomes_posted_to_one_replica_move_the_other(
     pair: tuple[LiveServer, LiveServer],
 ) -> None:
     a, b = pair
-    before = evidence(b)
-    decisions = route(a, 60)
-    assert delivered(a, decisions)["recorded"] == 60
-    lag = wait_for(lambda: learned(b) == 60)
-    assert learned(a) == 60
+    base_a, base_b, before = learned(a), learned(b), evidence(b)
+    lag_before = metric(b, "router_replication_lag_seconds_count")
+    decisions = route(a, 60, t=0)
+    assert delivered(a, decisions, t=5)["recorded"] == 60
+    lag = wait_for(lambda: learned(b) == base_b + 60)
+    assert learned(a) == base_a + 60
     after = evidence(b)
     gained = {c: after[c] - before[c] for c in after}
-    chosen = {d["carrier"] for d in decisions}
-    assert all(gained[c] > 0 for c in chosen), gained
+    assert all(gained[d["carrier"]] > 0 for d in decisions), gained  # B saw A's evidence
     assert evidence(a) == pytest.approx(after, abs=0.2)
     print(f"replication lag (outcomes on A -> learned on B, 60 events): {lag * 1000:.0f} ms")
-    # B's own decisions now see A's evidence: the carrier A's receipts praised gains on B.
-    assert metric(b, "router_replication_lag_seconds_count") >= 120  # decisions + outcomes
+    assert metric(b, "router_replication_lag_seconds_count") - lag_before == 120
 
 
 def test_an_outcome_posted_to_both_replicas_is_applied_once(
     pair: tuple[LiveServer, LiveServer],
 ) -> None:
     a, b = pair
-    decisions = route(a, 5)
-    first = delivered(a, decisions)
-    second = delivered(b, decisions)
+    base = learned(a), learned(b)
+    counted = metric(a, "router_outcomes_total") + metric(b, "router_outcomes_total")
+    decisions = route(a, 5, t=20)
+    first = delivered(a, decisions, t=25)
+    second = delivered(b, decisions, t=25)
     assert first["recorded"] == 5 and second["duplicates"] == 5
-    wait_for(lambda: learned(b) == 5)
+    wait_for(lambda: learned(b) == base[1] + 5)
     time.sleep(0.3)  # anything applied twice would show by now
-    assert learned(a) == 5 and learned(b) == 5
+    assert (learned(a), learned(b)) == (base[0] + 5, base[1] + 5)
     both = metric(a, "router_outcomes_total") + metric(b, "router_outcomes_total")
-    assert both == 5  # counted once, by the replica that accepted it
+    assert both - counted == 5  # counted once, by the replica that accepted it
 
 
 def test_both_replicas_post_the_same_outcome_at_once(pair: tuple[LiveServer, LiveServer]) -> None:
@@ -141,25 +161,28 @@ def test_both_replicas_post_the_same_outcome_at_once(pair: tuple[LiveServer, Liv
     from concurrent.futures import ThreadPoolExecutor
 
     a, b = pair
-    decisions = route(b, 30)
-    wait_for(lambda: metric(a, "router_replicated_events_total", kind="decision") >= 30)
+    base = learned(a), learned(b)
+    adopted = metric(a, "router_replicated_events_total", kind="decision")
+    decisions = route(b, 30, t=40)
+    wait_for(lambda: metric(a, "router_replicated_events_total", kind="decision") >= adopted + 30)
     with ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda s: delivered(s, decisions), (a, b)))
+        answers = list(pool.map(lambda s: delivered(s, decisions, t=45), (a, b)))
     assert sum(x["recorded"] for x in answers) == 30
     assert sum(x["duplicates"] for x in answers) == 30
-    wait_for(lambda: learned(a) == 30 and learned(b) == 30)
+    wait_for(lambda: (learned(a), learned(b)) == (base[0] + 30, base[1] + 30))
     time.sleep(0.3)
-    assert learned(a) == 30 and learned(b) == 30
+    assert (learned(a), learned(b)) == (base[0] + 30, base[1] + 30)
 
 
 def test_an_outcome_for_a_decision_made_elsewhere_is_accepted(
     pair: tuple[LiveServer, LiveServer],
 ) -> None:
     a, b = pair
-    for _ in range(20):  # at once: B may not have read A's decision yet
-        d = route(a)[0]
-        assert delivered(b, [d])["recorded"] == 1
-    wait_for(lambda: learned(a) == 20)
+    base = learned(a)
+    for k in range(20):  # at once: B may not have read A's decision yet
+        d = route(a, t=60 + k)[0]
+        assert delivered(b, [d], t=65 + k)["recorded"] == 1
+    wait_for(lambda: learned(a) == base + 20)
     got = b.client.get(f"/v1/decisions/{d['decision_id']}").json()
     assert got["carrier"] == d["carrier"] and got["state"]["final_status"] == "DELIVRD"
     unknown = b.client.post(
@@ -170,19 +193,82 @@ def test_an_outcome_for_a_decision_made_elsewhere_is_accepted(
 
 def test_a_new_replica_starts_from_the_checkpoint_and_the_stream(
     pair: tuple[LiveServer, LiveServer],
-    redis_server: RedisServer | ExternalRedis,
+    shared_redis: RedisServer | ExternalRedis,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     a, _ = pair
-    delivered(a, route(a, 40))
-    with redis_server.client() as r:
+    delivered(a, route(a, 40, t=90), t=95)
+    with shared_redis.client() as r:
         wait_for(lambda: r.exists("router:checkpoint") == 1, timeout=15)
-    delivered(a, route(a, 10, t=10), t=15)  # after the checkpoint: only in the stream tail
-    c = launch_server(tmp_path_factory.mktemp("c"), *replica_args(redis_server.url))
+    delivered(a, route(a, 10, t=100), t=105)  # maybe after the checkpoint: in the stream tail
+    c = launch_server(tmp_path_factory.mktemp("c"), *replica_args(shared_redis.url))
     try:
         wait_ready(c)
+        mine, theirs = (s.client.get("/healthz").json()["shared"] for s in (c, a))
+        assert mine["redis"] == "up" and mine["replica"] != theirs["replica"]
+        assert mine["learned"] == theirs["learned"]  # from checkpoint + tail, nothing missed
         assert evidence(c) == pytest.approx(evidence(a), abs=0.2)
-        health = c.client.get("/healthz").json()
-        assert health["status"] == "ok" and health["shared"]["redis"] == "up"
     finally:
         c.stop()
+
+
+def test_workers_of_one_server_serve_and_learn_as_one(
+    redis_server: RedisServer | ExternalRedis, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    live = launch_server(
+        tmp_path_factory.mktemp("workers"), *replica_args(redis_server.url, "--workers", "2")
+    )
+    try:
+        wait_ready(live)
+        seen: dict[str, int] = {}
+
+        def look() -> bool:
+            with httpx.Client(base_url=live.url, timeout=10) as fresh:  # a new connection
+                shared = fresh.get("/healthz").json()["shared"]
+            seen[shared["replica"]] = shared["learned"]
+            return len(seen) == 2
+
+        wait_for(look, timeout=30)  # both workers answer
+        for _ in range(10):  # decisions and outcomes spread over both workers
+            with httpx.Client(base_url=live.url, timeout=10) as fresh:
+                decisions = fresh.post("/v1/route/batch", json=[{"to": RU, "at": at(0)}] * 4)
+                decisions = decisions.json()
+            with httpx.Client(base_url=live.url, timeout=10) as fresh:
+                body = [
+                    {"decision_id": d["decision_id"], "event": "dlr", "status": "DELIVRD"}
+                    | {"at": at(5)}
+                    for d in decisions
+                ]
+                assert fresh.post("/v1/outcomes", json=body).json()["recorded"] == 4
+        seen.clear()
+        wait_for(lambda: look() and set(seen.values()) == {40}, timeout=30)
+    finally:
+        live.stop()
+    # Both workers logged into one folder; a clean stop leaves only segments, which all read.
+    log_dir = live.data_dir / "decision_log"
+    assert not list(log_dir.rglob("open-*.jsonl"))
+    tables = [pq.read_table(p) for p in (log_dir / "decisions").glob("*.parquet")]
+    assert sum(t.num_rows for t in tables) == 40
+
+
+def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--workers",
+            "2",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode != 0
+    assert "--workers > 1 needs shared state" in done.stderr
