@@ -29,7 +29,7 @@ class ReporterStats:
     reported: int = 0
     duplicates: int = 0
     rejected: int = 0
-    retries: int = 0
+    http_retries: int = 0
 
 
 class OutcomeReporter:
@@ -113,7 +113,7 @@ class OutcomeReporter:
             try:
                 results = self.router.record_outcomes([ev for ev, _ in batch])
             except (httpx.TransportError, httpx.HTTPStatusError) as exc:
-                self.stats.retries += 1
+                self.stats.http_retries += 1
                 log.warning(
                     "router unreachable (%s); retrying in %.1f s", type(exc).__name__, delay
                 )

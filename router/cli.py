@@ -34,6 +34,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     from router.api import create_app
     from router.auth import serving_auth
     from router.keys import Limit, open_store
+    from router.ratelimit import RedisBuckets
     from router.service import RouterService, ServiceSettings
 
     settings = ServiceSettings(
@@ -48,9 +49,10 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         shared=_shared_settings(args),
     )
     service = RouterService(settings)
-    store = open_store(Path(args.data_dir), getattr(args, "redis_url", None))
+    store = open_store(Path(args.data_dir), args.redis_url, args.redis_prefix)
     tenant_limit = Limit.of(args.tenant_rate) if args.tenant_rate else None
-    auth = serving_auth(store, args.auth, tenant_limit)
+    buckets = RedisBuckets(args.redis_url, args.redis_prefix) if args.redis_url else None
+    auth = serving_auth(store, args.auth, tenant_limit, buckets)
     tune_gc()
     return create_app(service, auth=auth, max_body_bytes=args.max_body_bytes)
 
@@ -229,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2, help="sender workers (each binds)")
     demo.add_argument("--concurrency", type=int, default=16, help="sending threads per worker")
     demo.add_argument(
-        "--speed", type=float, default=60.0, help="event seconds per wall second (default 60)"
+        "--speed", type=float, default=30.0, help="event seconds per wall second (default 30)"
     )
     demo.add_argument("--minutes", type=float, help="play only this many minutes of the scenario")
     demo.add_argument("--data-dir", default="data/demo")

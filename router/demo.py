@@ -1,33 +1,51 @@
-"""`router demo`: the whole loop on the embedded defaults, over real HTTP on loopback.
+"""`router demo`: the whole loop on the embedded defaults, over real HTTP and real SMPP.
 
-It starts the router (FastAPI + uvicorn) in this process, plays a scenario's traffic through
-several sender workers (threads, each with its own HTTP client) against simulated carriers
-whose behaviour includes an outage part-way, then reads the decision log back and prints what
-happened per carrier and country, and where the logs and the MLflow run are.
+It starts the router (FastAPI + uvicorn) in this process, one simulated SMSC per carrier of the
+catalog (real SMPP 3.4 on loopback, answering as the scenario's world says: delivery, latency,
+lying or missing receipts, an outage part-way), and sender workers that take the scenario's
+messages from a queue, ask the router, submit over SMPP, read the receipts and report every
+outcome. Event time runs `speed` times faster than the wall clock. At the end it reads the
+decision log back and prints what happened per carrier and country, and where the logs and the
+MLflow run are.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
-import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from experiments.play import TrafficDriver
+from bandit.reward import MessageClass
+from carriers.catalog import Catalog, load_catalog
+from carriers.ledger import MemoryLedger
+from carriers.queue import InProcessQueue, Job
+from carriers.simclock import SimClock
+from carriers.smpp_client import SmppCarrier
+from carriers.smsc import SimulatedSMSC
+from carriers.smsc_world import WorldBehaviour, world_behaviour
+from carriers.worker import SenderWorker, WorkerOptions
 from experiments.world import World, load_scenario
-from router.api import create_app
 from router.client import RouterClient
+from router.config import load_config
 from router.decision_log import DECISION_SCHEMA, OUTCOME_SCHEMA, finalized_view, read_stream
-from router.service import RouterService, ServiceSettings
+from router.engine import OutcomeEvent, RouteDecision
+from router.service import ServiceSettings
+from router.tracking import default_tracking_uri
 
 
 @dataclass
@@ -35,11 +53,12 @@ class DemoOptions:
     """What `router demo` is run with."""
 
     scenario: str = "demo"
-    workers: int = 4
+    workers: int = 2
+    concurrency: int = 16
     data_dir: Path = Path("data/demo")
     port: int = 0
-    window_seconds: float = 5.0
-    batch_size: int = 200
+    speed: float = 30.0
+    minutes: float | None = None
     keep_state: bool = False
     mlflow: bool = True
     seed: int = 1
@@ -52,35 +71,86 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerThread:
-    """uvicorn serving the app in a background thread; `stop()` shuts it down gracefully."""
+class RouterProcess:
+    """`router serve` as its own process (as in production: the workers reach it over HTTP)."""
 
-    def __init__(self, service: RouterService, port: int) -> None:
-        config = uvicorn.Config(
-            create_app(service),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="router-server", daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, opts: DemoOptions) -> None:
+        self.port = opts.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = opts.data_dir / "router.log"
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(opts.data_dir),
+            "--seed",
+            str(opts.seed),
+            "--replay",  # the scenario's event times are not today's
+            "--log-level",
+            "warning",
+            *([] if opts.mlflow else ["--no-mlflow"]),
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start and wait until the server accepts requests."""
-        self.thread.start()
+    def start(self, timeout: float = 90.0) -> None:
+        """Start and wait until `/healthz` answers."""
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the router server did not start")
-            time.sleep(0.05)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the router exited: see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"the router did not start: see {self.log_path}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
-        """Ask uvicorn to exit (runs the app's shutdown: log rolled, snapshot, MLflow run)."""
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
+        """SIGTERM: the router rolls its log, writes its snapshot and ends its MLflow run."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the summary needs to know of the router that served the demo."""
+
+    classes: Mapping[str, MessageClass]
+    catalog: Catalog
+    log_dir: Path
+    tracking_uri: str | None
+    experiment: str
+    snapshot_path: Path
+
+    def run_id(self) -> str | None:
+        """The serving run the router logged to MLflow (its latest in the experiment)."""
+        if self.tracking_uri is None:
+            return None
+        import mlflow
+
+        runs = mlflow.MlflowClient(self.tracking_uri).search_runs(
+            [
+                e.experiment_id
+                for e in mlflow.MlflowClient(self.tracking_uri).search_experiments()
+                if e.name == self.experiment
+            ],
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
 
 
 def _fresh(data_dir: Path) -> None:
@@ -92,46 +162,84 @@ def _fresh(data_dir: Path) -> None:
             path.unlink()
 
 
+class Handsets:
+    """The simulated phones' owners: a code that truly arrived is typed in (a conversion), and
+    tenants that report conversions post it to the router at its event time."""
+
+    def __init__(self, ledger: MemoryLedger, reporting: frozenset[str]) -> None:
+        self.ledger = ledger
+        self.reporting = reporting
+        self.tenant_of: dict[str, str | None] = {}
+        self._due: list[tuple[float, str, str]] = []
+        self._lock = threading.Lock()
+
+    def decided(self, job: Job, decision: RouteDecision) -> None:
+        """Remember the tenant of each decision (the worker's `on_decision` hook)."""
+        self.tenant_of[decision.decision_id] = job.tenant
+
+    def hook(self, carrier: str) -> Callable[[str, float], None]:
+        """The world's conversion hook for one carrier's SMSC."""
+
+        def converted(message_id: str, at: float) -> None:
+            with self._lock:
+                self._due.append((at, carrier, message_id))
+
+        return converted
+
+    def due(self, now: float) -> list[OutcomeEvent]:
+        """Conversions whose time has come, for decisions of tenants that report them."""
+        with self._lock:
+            ready = [d for d in self._due if d[0] <= now]
+            self._due = [d for d in self._due if d[0] > now]
+        out: list[OutcomeEvent] = []
+        for at, carrier, message_id in ready:
+            decision_id = self.ledger.decision_for(carrier, message_id)
+            if decision_id is None:  # not mapped yet (resp in flight): try again shortly
+                with self._lock:
+                    self._due.append((at, carrier, message_id))
+                continue
+            if self.tenant_of.get(decision_id) in self.reporting:
+                out.append(OutcomeEvent(decision_id, "conversion", at=at))
+        return out
+
+
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, object]:
     """Run the demo; returns the figures it printed (for tests)."""
     console = console or Console()
+    logging.getLogger("carriers.smpp.wire").setLevel(logging.WARNING)
+    logging.getLogger("carriers.worker").setLevel(logging.ERROR)  # counted in the summary
     if not opts.keep_state:
         _fresh(opts.data_dir)
-    settings = ServiceSettings(
-        data_dir=opts.data_dir,
-        mlflow=opts.mlflow,
-        seed=opts.seed,
-        max_future_skew_seconds=None,
-        snapshot_seconds=10,
-        metrics_seconds=10,
-        log_max_rows=10_000,
+    opts.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = ServiceSettings(data_dir=opts.data_dir)
+    served = Served(
+        load_config(settings.policy_file).message_classes,
+        load_catalog(settings.catalog),
+        opts.data_dir / "decision_log",
+        default_tracking_uri(opts.data_dir) if opts.mlflow else None,
+        settings.experiment,
+        opts.data_dir / "state.json",
     )
-    service = RouterService(settings)
-    server = ServerThread(service, opts.port or free_port())
-    server.start()
-    console.print(
-        f"[bold]router[/] serving {service.engine.policy_label} at {server.url} "
-        f"(docs: {server.url}/docs)"
-    )
-    world = World(load_scenario(opts.scenario), service.engine.catalog)
-    messages = list(enumerate(world.messages(np.random.default_rng([world.spec.seed, 1]))))
-    classes = service.engine.config.message_classes
-    clients = [RouterClient(server.url) for _ in range(opts.workers)]
-    drivers = [
-        TrafficDriver(
-            clients[w],
-            world,
-            classes,
-            messages[w :: opts.workers],
-            seed=opts.seed,
-            batch_size=opts.batch_size,
-        )
-        for w in range(opts.workers)
+    world = World(load_scenario(opts.scenario), served.catalog)
+    end = world.end if opts.minutes is None else world.start + 60 * opts.minutes
+    messages = [
+        m for m in world.messages(np.random.default_rng([world.spec.seed, 1])) if m.at < end
     ]
+    server = RouterProcess(opts)
+    server.start()
+    clock = SimClock(start=world.start, speed=opts.speed)  # event time starts now
+    ledger = MemoryLedger()
+    handsets = Handsets(ledger, served.catalog.conversion_tenants())
+    console.print(f"[bold]router[/] serving at {server.url} (docs: {server.url}/docs)")
+    smscs, behaviours = _start_smscs(world, clock, handsets, opts)
+    jobs = InProcessQueue()
+    reporting = RouterClient(server.url)
+    workers = _start_workers(server.url, smscs, jobs, ledger, clock, handsets, opts, served.classes)
     console.print(
         f"scenario [bold]{world.spec.name}[/]: {len(messages):,} messages over "
-        f"{world.spec.duration_minutes:g} min of event time, {opts.workers} sender "
-        "workers; "
+        f"{(end - world.start) / 60:g} min of event time at {opts.speed:g}x; "
+        f"{len(smscs)} simulated SMSCs on SMPP ports "
+        f"{', '.join(str(s.port) for s in smscs.values())}; {opts.workers} sender workers; "
         + "; ".join(
             f"{e.kind} of {e.carrier} in {e.country} at minute {e.at_minute:g}"
             for e in world.spec.events
@@ -139,24 +247,113 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, obj
     )
     started = time.monotonic()
     try:
-        _play(drivers, world, opts, console, len(messages))
+        _play(messages, jobs, workers, handsets, reporting, clock, world, end, console)
     finally:
-        for c in clients:
-            c.close()
+        for w in workers:
+            w.stop()
+        for w in workers:
+            for link in w.links.values():
+                link.close(timeout=5)
+        for smsc in smscs.values():
+            smsc.stop()
+        reporting.close()
         server.stop()
     elapsed = time.monotonic() - started
-    truth = pd.concat([d.frame() for d in drivers], ignore_index=True)
-    return _summarise(service, world, truth, elapsed, console)
+    truth = _truth(behaviours, ledger, served)
+    figures = _summarise(served, world, truth, elapsed, console)
+    figures["workers"] = [vars(w.stats) | vars(w.reporter.stats) for w in workers]
+    figures["smscs"] = {cid: s.counters.as_dict() for cid, s in smscs.items()}
+    _print_path_stats(figures, console)
+    return figures
+
+
+def _start_smscs(
+    world: World, clock: SimClock, handsets: Handsets, opts: DemoOptions
+) -> tuple[dict[str, SimulatedSMSC], dict[str, WorldBehaviour]]:
+    """One simulated SMSC per carrier, with an account per sender worker."""
+    reporting_tenant = next(iter(sorted(world.catalog.conversion_tenants())), "default")
+    smscs: dict[str, SimulatedSMSC] = {}
+    behaviours: dict[str, WorldBehaviour] = {}
+    for i, cid in enumerate(world.catalog.carriers):
+        behaviour = world_behaviour(
+            world,
+            cid,
+            np.random.default_rng([opts.seed, 7, i]),
+            tenant=reporting_tenant,  # the world decides conversions; Handsets filter tenants
+            on_conversion=handsets.hook(cid),
+        )
+        accounts = {_system_id(cid, w): "demo" for w in range(opts.workers)}
+        smsc = SimulatedSMSC(
+            cid, behaviour, accounts=accounts, clock=clock, seed=opts.seed, window=256
+        )
+        smscs[cid] = smsc.start()
+        behaviours[cid] = behaviour
+    return smscs, behaviours
+
+
+def _system_id(carrier: str, worker: int) -> str:
+    """Each worker binds with its own account, so its receipts come back on its own binds."""
+    return f"{carrier[:10]}w{worker}"
+
+
+def _start_workers(
+    url: str,
+    smscs: dict[str, SimulatedSMSC],
+    jobs: InProcessQueue,
+    ledger: MemoryLedger,
+    clock: SimClock,
+    handsets: Handsets,
+    opts: DemoOptions,
+    classes: Mapping[str, MessageClass],
+) -> list[SenderWorker]:
+    options = WorkerOptions(
+        concurrency=opts.concurrency,
+        sla_seconds={name: mc.sla_seconds for name, mc in classes.items()},
+        max_attempts=2,
+    )
+    workers: list[SenderWorker] = []
+    for w in range(opts.workers):
+        links: dict[str, SmppCarrier] = {}
+        worker = SenderWorker(
+            RouterClient(url, timeout=30),
+            links,
+            jobs,
+            ledger=ledger,
+            clock=clock,
+            options=options,
+            on_decision=handsets.decided,
+        )
+        for cid, smsc in smscs.items():
+            link = SmppCarrier(
+                cid,
+                smsc.host,
+                smsc.port,
+                _system_id(cid, w),
+                "demo",
+                window=32,
+                enquire_link_s=10.0,
+                on_receipt=worker.receipt_handler(cid),
+            )
+            link.start()
+            worker.links[cid] = link
+        worker.start()
+        workers.append(worker)
+    return workers
 
 
 def _play(
-    drivers: list[TrafficDriver], world: World, opts: DemoOptions, console: Console, total: int
+    messages: list,
+    jobs: InProcessQueue,
+    workers: list[SenderWorker],
+    handsets: Handsets,
+    reporting: RouterClient,
+    clock: SimClock,
+    world: World,
+    end: float,
+    console: Console,
 ) -> None:
-    """Step all workers through event time in lock-step windows (so no one runs ahead)."""
-    windows = np.arange(
-        world.start + opts.window_seconds, world.end + opts.window_seconds, opts.window_seconds
-    )
-    errors: list[BaseException] = []
+    """Feed the messages to the queue at their event times; report conversions as they come;
+    then wait until every job is sent and the last receipts are in."""
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -166,50 +363,95 @@ def _play(
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("routing", total=total, clock="")
-        barrier = threading.Barrier(len(drivers) + 1)
-
-        def work(driver: TrafficDriver) -> None:
-            try:
-                for t in windows:
-                    driver.run_until(float(t))
-                    barrier.wait()
-                driver.run_until()
-            except BaseException as exc:  # reported below, never swallowed
-                errors.append(exc)
-                barrier.abort()
-
-        threads = [threading.Thread(target=work, args=(d,), daemon=True) for d in drivers]
-        for th in threads:
-            th.start()
-        try:
-            for t in windows:
-                barrier.wait()
-                minute = (t - world.start) / 60
-                progress.update(
-                    task,
-                    completed=min(total, sum(d.routed for d in drivers)),
-                    clock=f"event minute {minute:5.1f}",
+        task = progress.add_task("sending", total=len(messages), clock="")
+        i = 0
+        tail = 120.0  # event seconds after the last message for receipts and retries
+        while True:
+            now = clock.now()
+            while i < len(messages) and messages[i].at <= now:
+                m = messages[i]
+                jobs.put(
+                    Job(
+                        f"m{i}",
+                        m.to,
+                        f"Your verification code is {100000 + (i * 7919) % 900000}",
+                        tenant=m.tenant,
+                        message_class=m.message_class,
+                        mccmnc=m.mccmnc or None,
+                        at=m.at,
+                    )
                 )
-        except threading.BrokenBarrierError:
-            pass
-        for th in threads:
-            th.join()
-        progress.update(task, completed=total)
-    if errors:
-        raise errors[0]
+                i += 1
+            conversions = handsets.due(now)
+            if conversions:
+                workers[0].reporter.report(conversions)
+            sent = sum(w.stats.submitted + w.stats.submit_failed for w in workers)
+            progress.update(
+                task,
+                completed=min(i, len(messages)),
+                clock=f"event minute {(now - world.start) / 60:5.1f}  submits {sent:,}",
+            )
+            drained = i >= len(messages) and jobs.pending() == 0 and all(w.idle() for w in workers)
+            if drained and now > max(end, messages[-1].at if messages else end) + tail:
+                break
+            time.sleep(0.05)
+    del reporting  # conversions go through a worker's reporter (batched, retried)
+
+
+def _truth(
+    behaviours: dict[str, WorldBehaviour],
+    ledger: MemoryLedger,
+    served: Served,
+) -> pd.DataFrame:
+    """Per decision, what truly happened (from the simulated carriers' ground truth)."""
+    rows = []
+    for cid, behaviour in behaviours.items():
+        for message_id, truth in list(behaviour.truths.items()):
+            decision_id = ledger.decision_for(cid, message_id)
+            if decision_id is None:
+                continue
+            rows.append(
+                {
+                    "decision_id": decision_id,
+                    "delivered": truth.delivered,
+                    "latency_s": truth.latency_s,
+                }
+            )
+    frame = pd.DataFrame(rows, columns=["decision_id", "delivered", "latency_s"])
+    slas = {n: mc.sla_seconds for n, mc in served.classes.items()}
+    decisions = (
+        read_stream(served.log_dir, "decisions", DECISION_SCHEMA)
+        .select(["decision_id", "message_class"])
+        .to_pandas()
+    )
+    frame = frame.merge(decisions, on="decision_id", how="left")
+    sla = frame["message_class"].map(slas).fillna(60.0)
+    frame["success"] = frame["delivered"] & (frame["latency_s"].fillna(np.inf) <= sla)
+    return frame[["decision_id", "success"]]
+
+
+def _print_path_stats(figures: dict[str, object], console: Console) -> None:
+    workers = figures["workers"]
+    smscs = figures["smscs"]
+    total = {k: sum(w[k] for w in workers) for k in workers[0]}  # type: ignore[index,union-attr]
+    console.print(
+        f"sender workers: {total['jobs']:,} jobs, {total['submitted']:,} submits accepted, "
+        f"{total['submit_failed']:,} refused, {total['retries']:,} retries on the next carrier, "
+        f"{total['receipts']:,} receipts, {total['reported']:,} outcomes reported "
+        f"({total['duplicates']:,} duplicates, {total['rejected']:,} refused by the router)"
+    )
+    sent = sum(s["receipts_sent"] for s in smscs.values())  # type: ignore[union-attr]
+    throttled = sum(s["throttled"] for s in smscs.values())  # type: ignore[union-attr]
+    console.print(f"simulated SMSCs: {sent:,} receipts sent over SMPP, {throttled:,} throttled")
 
 
 def _summarise(
-    service: RouterService, world: World, truth: pd.DataFrame, elapsed: float, console: Console
+    served: Served, world: World, truth: pd.DataFrame, elapsed: float, console: Console
 ) -> dict[str, object]:
-    engine = service.engine
-    log_dir = service.log.decisions_dir.parent
+    log_dir = served.log_dir
     decisions = read_stream(log_dir, "decisions", DECISION_SCHEMA)
     outcomes = read_stream(log_dir, "outcomes", OUTCOME_SCHEMA)
-    view = finalized_view(
-        decisions, outcomes, engine.config.message_classes, engine.catalog.conversion_tenants()
-    )
+    view = finalized_view(decisions, outcomes, served.classes, served.catalog.conversion_tenants())
     view = view.merge(
         truth[["decision_id", "success"]].rename(columns={"success": "true_success"}),
         on="decision_id",
@@ -262,20 +504,18 @@ def _summarise(
         f"\n{n:,} decisions in {elapsed:.1f} s ({n / elapsed:,.0f}/s over HTTP); truly delivered "
         f"within SLA {figures['true_success_rate']:.1%}; receipts said delivered "
         f"{figures['dlr_delivery_rate']:.1%}; spend {figures['spend']:.2f} "
-        f"{engine.catalog.currency}."
+        f"{served.catalog.currency}."
     )
     console.print(f"decision log (Parquet): {log_dir}")
-    if service.run is not None:
-        uri = service.tracking_uri
-        console.print(
-            f"MLflow run {service.run.run_id} in experiment "
-            f"'{service.settings.experiment}' at {uri}"
-        )
+    run_id = served.run_id()
+    if run_id is not None:
+        uri = served.tracking_uri
+        console.print(f"MLflow run {run_id} in experiment '{served.experiment}' at {uri}")
         console.print(
             f"open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri} "
             "--port 5000[/] then http://127.0.0.1:5000"
         )
-    console.print(f"learned state snapshot: {service.snapshot_path}")
+    console.print(f"learned state snapshot: {served.snapshot_path}")
     return figures
 
 
