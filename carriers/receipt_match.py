@@ -117,6 +117,7 @@ class ReceiptMatcher:
                 self._matched_late += len(receipts)
             if not any(r.final for r in receipts):
                 self._ids[bare] = (self._clock(), sent)
+                self._ids.move_to_end(bare)  # oldest first, for expiry
                 while len(self._ids) > self._max_ids:
                     self._ids.popitem(last=False)
                     self._expired += 1
