@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import orjson
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 # Publish a decision once: its record and its stream entry, or nothing if already published.
@@ -114,15 +115,24 @@ class RedisBus:
     def publish(self, batch: Sequence[tuple[str, str, str, bytes]], ttl_ms: int) -> list[bool]:
         """Publish (kind, origin, decision_id, payload-or-signature+payload) items in one
         pipeline, in order; per item, whether it was new. Outcome items carry
-        `signature\\0payload` as their payload."""
+        `signature\0payload` as their payload."""
+        try:
+            return self._publish(batch, ttl_ms)
+        except NoScriptError:  # a restarted Redis lost its script cache; publishing is idempotent
+            for script in (self._decision, self._outcomes):
+                script.sha = self.client.script_load(script.script)
+            return self._publish(batch, ttl_ms)
+
+    def _publish(self, batch: Sequence[tuple[str, str, str, bytes]], ttl_ms: int) -> list[bool]:
+        """EVALSHA per item in one pipeline (no per-pipeline SCRIPT EXISTS round trip)."""
         pipe = self.client.pipeline(transaction=False)
         for kind, origin, did, payload in batch:
-            keys = [self.record_key(did), self.stream_key(self.shard_of(did))]
+            keys = (self.record_key(did), self.stream_key(self.shard_of(did)))
             if kind == "d":
-                self._decision(keys=keys, args=[payload, origin, ttl_ms], client=pipe)
+                pipe.evalsha(self._decision.sha, 2, *keys, payload, origin, ttl_ms)
             else:
                 sig, body = payload.split(b"\0", 1)
-                self._outcomes(keys=keys, args=[origin, ttl_ms, sig, body], client=pipe)
+                pipe.evalsha(self._outcomes.sha, 2, *keys, origin, ttl_ms, sig, body)
         answers = pipe.execute()
         return [bool(a[0] if isinstance(a, list) else a) for a in answers]
 

@@ -12,6 +12,7 @@ stream tail, and streams are trimmed only well behind the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -19,7 +20,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ class SharedState:
         self.positions: dict[int, str] = {}
         self.up = False
         self.reason: str | None = _NOT_CONNECTED
-        self._accept = threading.Lock()  # accepted outcome: published and applied as one step
+        self._accept = Gate()  # an accepted outcome is published and applied as one step
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -232,7 +233,7 @@ class SharedState:
         checked = self._check(list(events), tenant)
         repeats = [engine.is_repeat(c) for c in checked]
         fresh = [i for i, r in enumerate(repeats) if not r]
-        with self._accept:
+        with self._accept.shared():
             new = self._publish_outcomes([_outcome_item(checked[i], self.instance) for i in fresh])
             apply = [i for i, r in enumerate(repeats) if r]
             apply += [i for i, n in zip(fresh, new, strict=True) if n]
@@ -418,8 +419,45 @@ class SharedState:
         write_snapshot(self.snapshot_path, _local_doc(*self._consistent_state()))
 
     def _consistent_state(self) -> tuple[dict[str, Any], dict[int, str]]:
-        with self._accept:
+        with self._accept.exclusive():
             return self._engine.state_dict(), dict(self.positions)
+
+
+class Gate:
+    """Outcome accepts pass together; a checkpoint waits until none is between its Redis step
+    and its local apply, and holds new ones back while it copies the state."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._inside = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Pass with others (an outcome accept)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._closed)
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inside -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Pass alone (a consistent copy of the state)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._closed)
+            self._closed = True
+            self._cond.wait_for(lambda: self._inside == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._closed = False
+                self._cond.notify_all()
 
 
 def _local_doc(state: dict[str, Any], positions: dict[int, str]) -> dict[str, Any]:
