@@ -18,7 +18,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from router.errors import AuthUnavailable, Forbidden, PayloadTooLarge, RateLimited, Unauthorized
 from router.keys import SCOPES, KeySet, KeyStore, Limit, verify
-from router.ratelimit import TokenBuckets
+from router.ratelimit import Buckets, TokenBuckets
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Auth:
         store: KeyStore | None,
         mode: str = "auto",
         tenant_limit: Limit | None = None,
-        buckets: TokenBuckets | None = None,
+        buckets: Buckets | None = None,
     ) -> None:
         if mode not in AUTH_MODES:
             raise ValueError(f"auth mode must be one of {', '.join(AUTH_MODES)}")
@@ -164,9 +164,14 @@ def open_auth() -> Auth:
     return Auth(None, "off")
 
 
-def serving_auth(store: KeyStore, mode: str = "auto", tenant_limit: Limit | None = None) -> Auth:
+def serving_auth(
+    store: KeyStore,
+    mode: str = "auto",
+    tenant_limit: Limit | None = None,
+    buckets: Buckets | None = None,
+) -> Auth:
     """The server's `Auth`, warning at start when the API is open to anyone who reaches it."""
-    auth = Auth(None if mode == "off" else store, mode, tenant_limit)
+    auth = Auth(None if mode == "off" else store, mode, tenant_limit, buckets)
     state = auth.status()
     if state == "off":
         why = "--auth off" if mode == "off" else "auto mode and no API key in the store"

@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -266,42 +267,59 @@ class FileKeyStore:
 
 
 class RedisKeyStore:
-    """Keys in a Redis hash shared by every replica; each replica keeps a copy and re-reads it
-    when the store's version counter moves (checked at most every `refresh_seconds`), so a
-    revocation reaches every replica within that time and no request waits on Redis otherwise.
-    If Redis is down, the last copy keeps serving; before a first copy, requests fail closed."""
+    """Keys in a Redis hash shared by every replica. Each process keeps a copy that a background
+    thread re-reads when the store's version counter moves (checked every `refresh_seconds`), so a
+    revocation reaches every replica within that time and no request ever waits on Redis, slow or
+    gone: the last copy keeps serving. Before a first copy, requests fail closed."""
 
     def __init__(self, url: str, prefix: str = "router", refresh_seconds: float = 1.0) -> None:
         import redis
 
         self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        tag = f"{prefix}:{{auth}}"  # one hash slot: the script-free MULTI below stays legal
-        self.k_keys, self.k_limits, self.k_version = (
-            f"{tag}:keys",
-            f"{tag}:limits",
-            f"{tag}:version",
-        )
+        tag = f"{prefix}:{{auth}}"  # one hash slot: the MULTI below stays legal on a cluster
+        self.k_keys, self.k_limits = f"{tag}:keys", f"{tag}:limits"
+        self.k_version = f"{tag}:version"
         self.refresh_seconds = refresh_seconds
         self._keys: KeySet | None = None
         self._version: bytes | None = None
-        self._checked = 0.0
+        self._tried = -refresh_seconds
+        self._lock = threading.Lock()
+        self._refresher: threading.Thread | None = None
 
     def current(self) -> KeySet:
-        """The keys; raises `ConnectionError` only if none could ever be read."""
-        now = time.monotonic()
-        if self._keys is not None and now - self._checked < self.refresh_seconds:
-            return self._keys
-        self._checked = now
-        try:
-            version = self.redis.get(self.k_version)
-            if self._keys is None or version != self._version:
-                self._keys = self._read()
-                self._version = version
-        except Exception as exc:  # redis errors of every kind: serve the last copy
+        """The copy; the first call (and, until one succeeds, one call per `refresh_seconds`)
+        reads Redis and raises `ConnectionError` if it cannot."""
+        keys = self._keys
+        if keys is not None:
+            return keys
+        with self._lock:
             if self._keys is None:
-                raise ConnectionError(f"key store unreachable: {type(exc).__name__}") from None
-            log.warning("key store unreachable (%s); serving the last copy", type(exc).__name__)
-        return self._keys
+                if time.monotonic() - self._tried < self.refresh_seconds:
+                    raise ConnectionError("key store unreachable")
+                self._tried = time.monotonic()
+                try:
+                    self._refresh()
+                except Exception as exc:  # redis errors of every kind
+                    raise ConnectionError(f"key store unreachable: {type(exc).__name__}") from None
+                self._refresher = threading.Thread(
+                    target=self._refresh_forever, name="key-store-refresh", daemon=True
+                )
+                self._refresher.start()
+            return self._keys  # type: ignore[return-value]
+
+    def _refresh(self) -> None:
+        version = self.redis.get(self.k_version)
+        if self._keys is None or version != self._version:
+            self._keys = self._read()
+            self._version = version
+
+    def _refresh_forever(self) -> None:
+        while True:
+            time.sleep(self.refresh_seconds)
+            try:
+                self._refresh()
+            except Exception as exc:  # keep serving the last copy
+                log.warning("key store unreachable (%s); serving the last copy", type(exc).__name__)
 
     def _read(self) -> KeySet:
         pipe = self.redis.pipeline(transaction=True)
@@ -324,7 +342,6 @@ class RedisKeyStore:
             pipe.hset(key, field, json.dumps(value, sort_keys=True))
         pipe.incr(self.k_version)
         pipe.execute()
-        self._checked = 0.0
 
     def add(self, record: ApiKey) -> None:
         """Store a new key."""
@@ -342,6 +359,6 @@ class RedisKeyStore:
         self._write(self.k_limits, tenant, asdict(limit) if limit else None)
 
 
-def open_store(data_dir: Path, redis_url: str | None = None) -> KeyStore:
-    """The Redis store when a URL is given, else the data dir's file."""
-    return RedisKeyStore(redis_url) if redis_url else FileKeyStore(data_dir)
+def open_store(data_dir: Path, redis_url: str | None = None, prefix: str = "router") -> KeyStore:
+    """The Redis store when a URL is given (replicas share it), else the data dir's file."""
+    return RedisKeyStore(redis_url, prefix) if redis_url else FileKeyStore(data_dir)

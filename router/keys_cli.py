@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def _limit_json(limit: Limit | None) -> dict[str, float] | None:
 
 def run_keys(args: argparse.Namespace) -> int:
     """Carry out one `router keys` action; the raw key is printed once, on creation."""
-    store = open_store(Path(args.data_dir), args.redis_url)
+    store = open_store(Path(args.data_dir), args.redis_url, args.redis_prefix)
     try:
         if args.action == "create":
             scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
@@ -64,5 +65,10 @@ def add_keys_parser(sub: argparse._SubParsersAction) -> None:
         act.add_argument("--burst", type=float, help="items at once (default: one second's)")
     for act in (create, limit, revoke, listing):
         act.add_argument("--data-dir", default="data", help="where api_keys.json lives")
-        act.add_argument("--redis-url", help="keep keys in Redis instead (shared by replicas)")
+        act.add_argument(
+            "--redis-url",
+            default=os.environ.get("REDIS_URL"),
+            help="keys in this Redis, shared by replicas (default: $REDIS_URL; else the file)",
+        )
+        act.add_argument("--redis-prefix", default="router", help="as `router serve`'s")
     keys.set_defaults(func=run_keys)

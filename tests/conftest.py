@@ -129,6 +129,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="module")
+def without_redis_env() -> Iterator[None]:
+    """This module's servers and commands ignore $REDIS_URL (its tests are about the data dir's
+    key file); use with `pytestmark = pytest.mark.usefixtures("without_redis_env")`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("REDIS_URL", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One live server (with its own data dir and MLflow store) per test module."""
     live = start_server(tmp_path_factory.mktemp("server"))

@@ -18,6 +18,7 @@ import pytest
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
 from tests.conftest import T0, LiveServer, start_server
 
+pytestmark = pytest.mark.usefixtures("without_redis_env")
 ROOT = Path(__file__).resolve().parents[1]
 CLI = (sys.executable, "-m", "router.cli")
 RU = "+79031234567"

@@ -18,6 +18,8 @@ from schemathesis.checks import not_a_server_error
 from router.keys import SCOPES, FileKeyStore, new_key
 from tests.conftest import LiveServer, start_server
 
+pytestmark = pytest.mark.usefixtures("without_redis_env")
+
 
 @dataclass
 class Target:
