@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -98,6 +99,16 @@ def _settle(url: str, workers: int, acked: int, timeout: float = 60) -> tuple[fl
     return float("nan"), _replicas(url, workers)
 
 
+def _sample_lag(url: str, out: list[float], stop: threading.Event) -> None:
+    """Sample the workers' replication lag (/healthz, new connections) while under load."""
+    while not stop.wait(0.2):
+        try:
+            with httpx.Client(base_url=url, timeout=10) as c:
+                out.append(c.get("/healthz").json()["shared"]["lag_ms"])
+        except httpx.HTTPError:
+            pass
+
+
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q) * 1e3) if values else float("nan")
 
@@ -112,8 +123,14 @@ def run(folder: Path, seconds: float, clients: int, workers: int, redis_url: str
     try:
         if redis_url:
             _replicas(live.url, workers)  # every worker up before the clock starts
+        lags: list[float] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_lag, args=(live.url, lags, stop), daemon=True)
+        if redis_url:
+            sampler.start()
         with mp.get_context("spawn").Pool(clients) as pool:
             parts = pool.map(_client, [(live.url, seconds, k) for k in range(clients)])
+        stop.set()
         acked = sum(part["acked"] for part in parts)
         settled = _settle(live.url, workers, acked) if redis_url else (float("nan"), {})
     finally:
@@ -129,6 +146,7 @@ def run(folder: Path, seconds: float, clients: int, workers: int, redis_url: str
         "acked": acked,
         "settle_s": settled[0],
         "learned": [s["learned"] for s in settled[1].values()],
+        "lag_ms": lags,
     }
 
 
@@ -146,6 +164,12 @@ def report(name: str, r: dict) -> None:
         f"p50 {_pct(outcomes, 50):.2f} ms  p99 {_pct(outcomes, 99):.2f} ms"
     )
     print(f"errors: {sum(r['errors'].values())} {dict(r['errors'])}")
+    if r["lag_ms"]:
+        lag = r["lag_ms"]
+        print(
+            f"replication lag under load ({len(lag)} samples of /healthz): "
+            f"p50 {np.percentile(lag, 50):.1f} ms  p99 {np.percentile(lag, 99):.1f} ms"
+        )
     if r["learned"]:
         print(
             f"learned as one: {r['acked']} acknowledged outcomes; per worker learned "

@@ -104,3 +104,12 @@ class PayloadTooLarge(RoutingError):
 
     status = 413
     code = "payload_too_large"
+
+
+class SharedStateUnavailable(RoutingError):
+    """The decision is not known on this replica and Redis, where the other replicas'
+    decisions are, cannot be reached: retry (the receipt must not be dropped)."""
+
+    status = 503
+    code = "shared_state_unavailable"
+    headers: Mapping[str, str] = MappingProxyType({"Retry-After": "1"})

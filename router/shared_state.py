@@ -30,7 +30,7 @@ import redis
 from prometheus_client import Counter, Gauge, Histogram
 
 from router.engine import CheckedOutcome, OutcomeEvent, RoutingEngine, outcome_signature
-from router.errors import UnknownDecision
+from router.errors import SharedStateUnavailable, UnknownDecision
 from router.outbox import Item, Outbox
 from router.redis_bus import Entry, RedisBus, connect
 from router.snapshot import read_snapshot, write_snapshot
@@ -109,6 +109,7 @@ class SharedState:
         self.engine: RoutingEngine | None = None
         self.metrics: SharedMetrics | None = None
         self._ttl_ms = 0
+        self.lag_seconds = 0.0  # Redis time to applied here, of the last other replica's event
 
     # ---- start and stop --------------------------------------------------------------------
 
@@ -190,6 +191,7 @@ class SharedState:
             "outbox": len(self.outbox),
             "replica": self.replica,
             "learned": self._engine.stats.learned,  # final answers in this replica's learner
+            "lag_ms": round(self.lag_seconds * 1000, 1),
         }
 
     def _mark_up(self) -> None:
@@ -256,17 +258,17 @@ class SharedState:
         while True:
             try:
                 return engine.check_outcomes(events, tenant)
-            except UnknownDecision:
-                if all_published or not self.up or time.monotonic() > deadline:
+            except UnknownDecision as exc:
+                if not self.up:
+                    raise _unreachable(exc) from None
+                if all_published or time.monotonic() > deadline:
                     raise
+                unknown = exc
             try:
                 rows = self.bus.record(ids)
             except redis.RedisError as exc:
                 self._down(exc)
-                raise UnknownDecision(
-                    "decision not known here and Redis is unavailable to look it up",
-                    field="decision_id",
-                ) from None
+                raise _unreachable(unknown) from None
             for row in rows.values():
                 self._adopt(row)
             all_published = len(rows) == len(ids)  # then one more check settles it
@@ -360,8 +362,9 @@ class SharedState:
                         metrics.applied.labels("decision").inc()
                 else:
                     self._apply_outcome(entry.payload)
+                self.lag_seconds = max(0.0, (now_ms - entry.millis) / 1000)
                 if metrics is not None:
-                    metrics.lag.observe(max(0.0, (now_ms - entry.millis) / 1000))
+                    metrics.lag.observe(self.lag_seconds)
             self.positions[entry.shard] = entry.id
 
     def _adopt(self, payload: bytes) -> bool:
@@ -458,6 +461,15 @@ class Gate:
             with self._cond:
                 self._closed = False
                 self._cond.notify_all()
+
+
+def _unreachable(unknown: UnknownDecision) -> SharedStateUnavailable:
+    """A 503 instead of a 404 while Redis is away: the decision may be another replica's."""
+    return SharedStateUnavailable(
+        "decision not known on this replica, and Redis (where the other replicas' decisions "
+        "are) is unavailable: retry later",
+        field=unknown.field,
+    )
 
 
 def _local_doc(state: dict[str, Any], positions: dict[int, str]) -> dict[str, Any]:

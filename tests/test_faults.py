@@ -148,7 +148,7 @@ def pair(
 def test_redis_killed_and_restarted_mid_traffic_loses_nothing(
     pair: list[LiveServer], redis_proc: RedisServer
 ) -> None:
-    a = pair[0]
+    a, b = pair
     with Traffic(pair) as traffic:
         traffic.wait_acked(50)
         redis_proc.kill()
@@ -158,9 +158,21 @@ def test_redis_killed_and_restarted_mid_traffic_loses_nothing(
         traffic.wait_acked(100)  # decisions and outcomes keep flowing from the local engines
         assert metric(a, "router_redis_up") == 0
         assert metric(a, "router_outbox_items") > 0
+        # B's decision is unknown to A while Redis is away: "retry", never "unknown" (404).
+        elsewhere = b.client.post("/v1/route", json={"to": RU, "at": at(1)}).json()
+        receipt = {"decision_id": elsewhere["decision_id"], "event": "dlr", "status": "DELIVRD"}
+        refused = a.client.post("/v1/outcomes", json={**receipt, "at": at(4)})
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
         redis_proc.start()
         traffic.wait_acked(50)
     assert traffic.errors_5xx == 0 and not traffic.failures
+
+    def retry() -> bool:
+        resp = a.client.post("/v1/outcomes", json={**receipt, "at": at(4)})
+        return resp.status_code == 200 and resp.json()["recorded"] == 1
+
+    wait_for(retry, timeout=20)  # accepted once B has published its decision
+    traffic.acked.append(elsewhere["decision_id"])
     wait_for(lambda: settled(pair, len(traffic.acked)), timeout=30)
     assert in_redis(redis_proc.url, traffic.acked) == len(traffic.acked)
     print(f"redis outage: {traffic.decided} decisions, {len(traffic.acked)} outcomes acknowledged")
