@@ -1,6 +1,7 @@
 """Privacy scan: after a real run, no raw phone number anywhere (DESIGN.md: keyed HMAC only).
 
-A live `router serve` takes routes, outcomes and bad input carrying phone numbers (invalid ones,
+A live `router serve` (its state shared on a Redis, whose content and files are scanned too)
+takes routes, outcomes and bad input carrying phone numbers (invalid ones,
 and numbers in every wrong field); then `router evaluate` and `router report cost` run on its
 logs and `router experiment run` plays a short scenario into a temporary MLflow store. Every
 number used, in E.164 with and without '+', its national digits and its national and
@@ -21,11 +22,13 @@ from pathlib import Path
 import phonenumbers
 import pyarrow.parquet as pq
 import pytest
+import redis
 import yaml
 
 from carriers.catalog import load_catalog
 from experiments.world import World, load_scenario
 from tests.conftest import T0, LiveServer, start_server
+from tests.redis_server import RedisServer, redis_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 AFTER = "2026-11-02T10:00:07+00:00"
@@ -223,6 +226,21 @@ def _finish(run: Run, *procs: subprocess.Popen[str]) -> None:
         assert proc.returncode == 0, (proc.args, err[-3000:])
 
 
+def _redis_dump(r: redis.Redis, prefix: str) -> str:
+    """Every key under `prefix` and its value, as text."""
+    readers = {
+        b"string": r.get,
+        b"hash": r.hgetall,
+        b"list": lambda k: r.lrange(k, 0, -1),
+        b"set": r.smembers,
+        b"zset": lambda k: r.zrange(k, 0, -1, withscores=True),
+        b"stream": r.xrange,
+    }
+    lines = [f"{key!r}: {readers[r.type(key)](key)!r}" for key in r.scan_iter(f"{prefix}*")]
+    assert lines, "the shared state is in Redis"
+    return "\n".join(lines)
+
+
 TINY_SCENARIO = {
     "name": "privacy",
     "seed": 3,
@@ -250,12 +268,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     experiment = _spawn(
         "experiment", "run", str(scenario), "--policies", "thompson", "--out", str(tmp / "exp")
     )
-    live = start_server(data)
+    redis_srv = redis_from_env(tmp / "redis")  # a private server keeps its files in `tmp`
+    live = start_server(data, "--redis-url", redis_srv.url, "--redis-prefix", "privacy")
     try:
         _serve_workload(live, result)
     finally:
         assert live.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
     result.outputs.append(live.output())
+    with redis_srv.client() as r:
+        result.outputs.append(_redis_dump(r, "privacy"))
+    if isinstance(redis_srv, RedisServer):
+        redis_srv.stop()
     logs = str(data / "decision_log")
     _finish(
         result,
