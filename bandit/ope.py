@@ -231,6 +231,9 @@ _POISSON_ONE = np.searchsorted(
 ).astype(float)
 
 
+_BOOTSTRAP_BLOCK = 8192
+
+
 @dataclass
 class Bootstrap:
     """Poisson bootstrap: B replicates of Σk and Σk·z, each row weighted by k ~ Poisson(1).
@@ -268,9 +271,12 @@ class Bootstrap:
             return self
         digest = hashlib.blake2b(np.ascontiguousarray(z).tobytes(), digest_size=8).digest()
         rng = np.random.default_rng([self.seed, int.from_bytes(digest, "little")])
-        k = _POISSON_ONE[rng.integers(0, len(_POISSON_ONE), (self.n_replicates, len(z)), np.uint16)]
-        self.sums[:, 0] += k.sum(axis=1)
-        self.sums[:, 1:] += k @ z
+        for start in range(0, len(z), _BOOTSTRAP_BLOCK):  # bounds the B × rows draws in memory
+            block = z[start : start + _BOOTSTRAP_BLOCK]
+            codes = rng.integers(0, len(_POISSON_ONE), (self.n_replicates, len(block)), np.uint16)
+            k = _POISSON_ONE[codes]
+            self.sums[:, 0] += k.sum(axis=1)
+            self.sums[:, 1:] += k @ block
         self.total[0] += len(z)
         self.total[1:] += z.sum(axis=0)
         return self

@@ -51,7 +51,7 @@ def fold_of(ids: np.ndarray, n_folds: int) -> np.ndarray:
 
 
 def _features(keys: pd.DataFrame) -> sparse.csr_matrix:
-    """Hashed one-hot features of each row of distinct keys."""
+    """Hashed one-hot features (2²⁰ columns) of each row of distinct keys."""
     hasher = FeatureHasher(n_features=2**20, input_type="string", alternate_sign=False)
     cols = {c: keys[c].astype(str).to_numpy() for c in KEY_COLUMNS}
     rows = (
@@ -59,6 +59,17 @@ def _features(keys: pd.DataFrame) -> sparse.csr_matrix:
         for i in range(len(keys))
     )
     return hasher.transform(rows)
+
+
+def _compact(x: sparse.csr_matrix, columns: np.ndarray) -> sparse.csr_matrix:
+    """x restricted to the (sorted) hashed `columns` the model was fitted on, renumbered."""
+    pos = np.minimum(np.searchsorted(columns, x.indices), len(columns) - 1)
+    known = columns[pos] == x.indices
+    out = sparse.csr_matrix(
+        (np.where(known, x.data, 0.0), pos, x.indptr), shape=(x.shape[0], len(columns))
+    )
+    out.eliminate_zeros()
+    return out
 
 
 @dataclass
@@ -69,6 +80,10 @@ class CrossFitRewardModel:
     alpha: float = 5.0
     sums: pd.DataFrame | None = None
     models: list[Ridge] = field(default_factory=list)
+    columns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    # Prediction cache: q̂ of every fold's model for each distinct key seen (O(keys)).
+    _known: pd.MultiIndex | None = field(default=None, repr=False)
+    _q: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:
@@ -102,7 +117,9 @@ class CrossFitRewardModel:
         if self.sums is None:
             raise ValueError("the reward model has seen no data")
         flat = self.sums.reset_index()
-        self.models = []
+        # Only the hashed columns some key uses: the solver's cost follows them, not 2²⁰.
+        self.columns = np.unique(_features(flat.drop_duplicates(list(KEY_COLUMNS))).indices)
+        self.models, self._known, self._q = [], None, np.zeros((0, self.n_folds))
         for k in range(self.n_folds):
             train = flat[flat["fold"] != k].groupby(list(KEY_COLUMNS), dropna=False)
             agg = train[["total", "count"]].sum().reset_index()
@@ -110,7 +127,9 @@ class CrossFitRewardModel:
                 raise ValueError(f"fold {k}: no training rows outside it (too few decisions)")
             model = Ridge(alpha=self.alpha, solver="sparse_cg", tol=1e-10)
             model.fit(
-                _features(agg), agg["total"] / agg["count"], sample_weight=agg["count"].to_numpy()
+                _compact(_features(agg), self.columns),
+                agg["total"] / agg["count"],
+                sample_weight=agg["count"].to_numpy(),
             )
             self.models.append(model)
         return self
@@ -119,12 +138,17 @@ class CrossFitRewardModel:
         """q̂ of each row of keys by the model of the folds other than the row's own."""
         if not self.models:
             raise ValueError("fit the reward model before predicting")
-        frame = keys.loc[:, list(KEY_COLUMNS)].assign(fold=fold)
-        codes, uniq = pd.MultiIndex.from_frame(frame).factorize()
-        distinct = uniq.to_frame(index=False)
-        distinct.columns = frame.columns
-        q = np.empty(len(distinct))
-        for k in np.unique(distinct["fold"]):
-            mask = (distinct["fold"] == k).to_numpy()
-            q[mask] = self.models[int(k)].predict(_features(distinct[mask]))
-        return q[codes]
+        index = pd.MultiIndex.from_frame(keys.loc[:, list(KEY_COLUMNS)])
+        codes = self._codes(index)
+        return self._q[codes, np.asarray(fold, dtype=np.int64)]
+
+    def _codes(self, index: pd.MultiIndex) -> np.ndarray:
+        """Rows of the prediction cache for each key, predicting (every fold) keys not yet seen."""
+        codes = np.full(len(index), -1) if self._known is None else self._known.get_indexer(index)
+        if (codes >= 0).all():
+            return codes
+        new = index[codes < 0].unique()
+        x = _compact(_features(new.to_frame(index=False)), self.columns)
+        self._q = np.vstack([self._q, np.column_stack([m.predict(x) for m in self.models])])
+        self._known = new if self._known is None else self._known.append(new)
+        return self._known.get_indexer(index)

@@ -2,9 +2,12 @@
 `.venv/bin/python bench/ope_bench.py [--rows 2000000] [--chunk 65536]`.
 
 Times `Accumulator.update` (IPS, SNIPS, DM, DR and SNDR from one pass, with a reward model's
-predictions given) and the Poisson bootstrap, chunk by chunk as evaluation streams them. Run it
-with obp's venv (`PYTHONPATH=. ~/.cache/sms-router/obp-venv/bin/python bench/ope_bench.py`) to
-time obp's IPS, SNIPS and DR on the same arrays in the same run.
+predictions given), the same starting from per-pair π_e and q̂ (Σπ_e q̂ and q̂ of the logged
+carrier computed per chunk, as `router.evaluation` does) plus the weight histogram, and the
+Poisson bootstrap, chunk by chunk as evaluation streams them. Each figure is the median of
+`--repeats` runs. Run it with obp's venv (`scripts/obp_check.sh` builds it; then
+`PYTHONPATH=. ~/.cache/sms-router/obp-venv/bin/python bench/ope_bench.py`) to time obp's IPS,
+SNIPS and DR on the same arrays in the same run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bandit.ope import Accumulator, Bootstrap  # noqa: E402
+from bandit.ope import Accumulator, Bootstrap, W, WeightHistogram, z_matrix  # noqa: E402
 
 N_CARRIERS = 5
 
@@ -49,7 +52,7 @@ def inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def best_rate(run: Callable[[], None], rows: int, repeats: int) -> float:
+def median_rate(run: Callable[[], None], rows: int, repeats: int) -> float:
     """Rows per second of the median of `repeats` runs."""
     times = []
     for _ in range(repeats):
@@ -69,6 +72,34 @@ def ours(d: dict[str, np.ndarray], chunk: int) -> Callable[[], None]:
             acc.update(
                 d["reward"][s], d["pscore"][s], d["pi_logged"][s], d["q_logged"][s], d["q_pi"][s]
             )
+        acc.results()
+
+    return run
+
+
+def from_pairs(d: dict[str, np.ndarray], chunk: int) -> Callable[[], None]:
+    """All five estimators and the weight histogram from flattened per-pair π_e and q̂."""
+    n = len(d["reward"])
+    pi_pairs, q_pairs = d["pi_e"].ravel(), d["q"].ravel()
+    logged = np.arange(n) * N_CARRIERS + d["action"]  # the logged carrier's pair
+
+    def run() -> None:
+        acc, hist = Accumulator(with_model=True), WeightHistogram()
+        for i in range(0, n, chunk):
+            j = min(i + chunk, n)
+            pairs = slice(i * N_CARRIERS, j * N_CARRIERS)
+            rows = np.repeat(np.arange(j - i), N_CARRIERS)
+            q_pi = np.bincount(rows, weights=pi_pairs[pairs] * q_pairs[pairs], minlength=j - i)
+            chosen = logged[i:j] - i * N_CARRIERS
+            z = z_matrix(
+                d["reward"][i:j],
+                d["pscore"][i:j],
+                pi_pairs[pairs][chosen],
+                q_pairs[pairs][chosen],
+                q_pi,
+            )
+            acc.update_z(z)
+            hist.update(z[:, W])
         acc.results()
 
     return run
@@ -128,13 +159,14 @@ def main() -> None:
     runs = {
         f"ours: ips+snips+dm+dr+sndr, chunks of {args.chunk}": ours(d, args.chunk),
         "ours: same, one chunk": ours(d, args.rows),
+        "ours: same from per-pair π_e, q̂ + weight histogram": from_pairs(d, args.chunk),
         f"ours: poisson bootstrap B=200, chunks of {args.chunk}": bootstrap(d, args.chunk, 200),
         **obp_runs(d),
     }
-    print(f"{args.rows:,} logged decisions, {N_CARRIERS} carriers, one core")
+    print(f"{args.rows:,} logged decisions, {N_CARRIERS} carriers, one core, median of repeats")
     for name, run in runs.items():
         repeats = 1 if "bootstrap" in name else args.repeats
-        print(f"{name:<55} {best_rate(run, args.rows, repeats):>14,.0f} decisions/s")
+        print(f"{name:<55} {median_rate(run, args.rows, repeats):>14,.0f} decisions/s")
 
 
 if __name__ == "__main__":

@@ -152,22 +152,19 @@ def _priority(chunk: LoggedChunk, catalog: Catalog) -> np.ndarray:
 
 def _unit_price(chunk: LoggedChunk, catalog: Catalog) -> np.ndarray:
     """Catalog price per part of each pair's carrier for the decision's country and operator."""
-    keys = np.array(
-        [
-            f"{c}|{k}|{o}"
-            for c, k, o in zip(
-                chunk.carrier, chunk.per_pair("country"), chunk.per_pair("operator"), strict=True
-            )
-        ],
-        dtype=object,
-    )
-    table = {}
-    for key in set(keys):
-        carrier_id, country, operator = key.split("|", 2)
+    codes, keys = pd.MultiIndex.from_arrays(
+        [chunk.carrier, chunk.per_pair("country"), chunk.per_pair("operator")]
+    ).factorize()
+    prices = np.empty(len(keys))
+    for i, (carrier_id, country, operator) in enumerate(keys):
         car = catalog.carriers.get(carrier_id)
-        if car is not None and country in car.coverage:
-            table[key] = car.coverage[country].price_for(operator)
-    return _lookup(keys, table, "price (carrier|country|operator)")
+        if car is None or country not in car.coverage:
+            raise ValueError(
+                f"the catalog has no price (carrier|country|operator) for "
+                f"{carrier_id!r}|{country!r}|{operator!r}"
+            )
+        prices[i] = car.coverage[country].price_for(operator)
+    return prices[codes]
 
 
 def uniform(chunk: LoggedChunk, catalog: Catalog) -> np.ndarray:
@@ -347,6 +344,9 @@ def _bucket(ids: pa.Array, n: int) -> np.ndarray:
     return (hashed % np.uint64(n)).astype(np.int64)
 
 
+_SPILL_BUFFER_ROWS = 131_072  # rows held before the buckets are written (one row group each)
+
+
 def _spill(
     paths: Sequence[Path], schema: pa.Schema, columns: list[str] | None, n: int, out: Path
 ) -> list[Path]:
@@ -355,16 +355,33 @@ def _spill(
     target = pa.schema([schema.field(c) for c in names])
     files = [out / f"part-{i:05d}.parquet" for i in range(n)]
     writers: dict[int, pq.ParquetWriter] = {}
+    buffers: dict[int, list[pa.Table]] = {}
+    buffered = 0
+
+    def flush() -> None:
+        for b, parts in buffers.items():
+            if b not in writers:
+                writers[b] = pq.ParquetWriter(files[b], target)
+            writers[b].write_table(pa.concat_tables(parts))
+        buffers.clear()
+
     try:
         for path in paths:
             with pq.ParquetFile(path) as f:
                 for batch in f.iter_batches(batch_size=65_536, columns=names):
-                    table = pa.Table.from_batches([batch]).cast(target)
-                    bucket = _bucket(table["decision_id"], n)
-                    for b in np.unique(bucket):
-                        if b not in writers:
-                            writers[b] = pq.ParquetWriter(files[b], target)
-                        writers[b].write_table(table.filter(pa.array(bucket == b)))
+                    bucket = _bucket(batch.column("decision_id"), n)
+                    order = np.argsort(bucket, kind="stable")
+                    table = pa.Table.from_batches([batch]).cast(target).take(order)
+                    cuts = np.searchsorted(bucket[order], np.arange(n + 1))
+                    for b in np.flatnonzero(np.diff(cuts)):
+                        buffers.setdefault(b, []).append(
+                            table.slice(cuts[b], cuts[b + 1] - cuts[b])
+                        )
+                    buffered += len(table)
+                    if buffered >= _SPILL_BUFFER_ROWS:
+                        flush()
+                        buffered = 0
+        flush()
     finally:
         for writer in writers.values():
             writer.close()
@@ -510,8 +527,14 @@ def evaluate(
     seed: int = 0,
     rows_per_partition: int = 250_000,
     chunk_rows: int = 65_536,
+    on_chunk: Callable[[LoggedChunk, Mapping[str, np.ndarray], np.ndarray | None], None]
+    | None = None,
 ) -> dict[str, CandidateResult]:
-    """Estimate every candidate's value per decision on a log folder (DM/DR with a model)."""
+    """Estimate every candidate's value per decision on a log folder (DM/DR with a model).
+
+    `on_chunk(chunk, π per candidate, q̂)` sees each chunk of pass 2 (per-pair arrays), e.g. to
+    export the same inputs for another library.
+    """
     as_of = as_of or latest_event(directory)
     if as_of is None:
         raise ValueError(f"no decisions in {directory}")
@@ -533,8 +556,11 @@ def evaluate(
         for part in parts:
             for chunk in reader.chunks(part):
                 q = None if model is None else model.predict(chunk)
-                for name, candidate in candidates.items():
-                    z = candidate_inputs(chunk, candidate(chunk, catalog), q)
+                pis = {name: candidate(chunk, catalog) for name, candidate in candidates.items()}
+                if on_chunk is not None:
+                    on_chunk(chunk, pis, q)
+                for name, pi in pis.items():
+                    z = candidate_inputs(chunk, pi, q)
                     results[name].accumulator.update_z(z)
                     results[name].weights.update(z[:, W])
                     if results[name].bootstrap is not None:

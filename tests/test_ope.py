@@ -14,8 +14,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from bandit.ope import Accumulator, Bootstrap, estimate
+from bandit.ope import Accumulator, Bootstrap, WeightHistogram, estimate
 from bandit.reward import MessageClass
+from bandit.reward_model import KEY_COLUMNS, CrossFitRewardModel, fold_of
 from carriers.catalog import Catalog, load_catalog
 from experiments.play import play
 from experiments.world import ScenarioSpec, World
@@ -184,6 +185,75 @@ def test_bootstrap_merges_and_agrees_with_the_analytic_interval() -> None:
         e = exact[name]
         assert low < e.value < high
         assert (high - low) == pytest.approx(e.ci_high - e.ci_low, rel=0.2)
+
+
+def test_dm_intervals_use_the_influence_function_of_dr() -> None:
+    arrays = _random_inputs(5_000, 3)
+    res = estimate(*arrays)
+    assert res["dm"].std_error == pytest.approx(res["dr"].std_error, rel=1e-12)
+    assert res["dm"].ci_high - res["dm"].ci_low == pytest.approx(
+        res["dr"].ci_high - res["dr"].ci_low, rel=1e-12
+    )
+    boot = Bootstrap(100, seed=2).update(*arrays)
+    shift = res["dm"].value - res["dr"].value
+    np.testing.assert_allclose(boot.replicates("dm"), boot.replicates("dr") + shift, rtol=1e-12)
+
+
+def test_weight_histogram_counts_merges_and_gives_the_ccdf() -> None:
+    w = np.array([0.0, 0.0, 0.5, 1.0, 1.0, 2.0, 4.0, 1e-5, 1e5])
+    hist = WeightHistogram(low=-1, high=1, per_decade=1)  # bins [0.1, 1), [1, 10)
+    whole = WeightHistogram(low=-1, high=1, per_decade=1).update(w)
+    merged = hist.update(w[:4]).merge(WeightHistogram(low=-1, high=1, per_decade=1).update(w[4:]))
+    for h in (whole, merged):
+        assert h.zeros == 2 and h.n == 9
+        assert h.counts.tolist() == [1, 1, 4, 1]  # below 0.1, [0.1, 1), [1, 10), 10 and up
+        edges, ccdf = h.ccdf()
+        assert edges == pytest.approx([0.1, 1.0, 10.0])
+        assert ccdf == pytest.approx([6 / 9, 5 / 9, 1 / 9])  # P(W ≥ 0.1), P(W ≥ 1), P(W ≥ 10)
+
+
+def _reward_rows(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """Logged keys, decision ids, rewards and their true means (a carrier × country effect)."""
+    rng = np.random.default_rng(seed)
+    keys = pd.DataFrame(
+        {
+            "carrier": rng.choice(["a", "b", "c"], n),
+            "message_class": "otp",
+            "country": rng.choice(["DE", "RU"], n),
+            "operator": rng.choice(["x", "y"], n),
+            "band": rng.integers(0, 4, n),
+            "tenant": rng.choice(["t1", "t2"], n),
+            "retry": rng.random(n) < 0.1,
+        }
+    )
+    effect = {("a", "DE"): 0.9, ("a", "RU"): 0.2, ("b", "DE"): 0.5, ("b", "RU"): 0.7}
+    pairs = zip(keys.carrier, keys.country, strict=True)
+    mean = np.array([effect.get(pair, 0.1) for pair in pairs])
+    return keys, np.array([f"d{i}" for i in range(n)]), mean + rng.normal(0, 0.1, n), mean
+
+
+def test_reward_model_is_cross_fitted_and_merges() -> None:
+    keys, ids, reward, mean = _reward_rows(20_000, 4)
+    fold = fold_of(ids, 5)
+    assert np.bincount(fold).min() > 3_500  # five folds of about 4,000 decisions
+    model = CrossFitRewardModel(5)
+    model.update(keys, fold, reward)
+    q = model.fit().predict(keys, fold)
+    assert np.abs(q - mean).mean() < 0.01 and np.abs(q - mean).max() < 0.05
+    # A row's prediction never sees its own fold: change fold 0's rewards only.
+    changed = np.where(fold == 0, reward + 1.0, reward)
+    other = CrossFitRewardModel(5)
+    other.update(keys, fold, changed)
+    q_changed = other.fit().predict(keys, fold)
+    np.testing.assert_allclose(q_changed[fold == 0], q[fold == 0], atol=1e-8)
+    assert (q_changed[fold != 0] - q[fold != 0]).mean() > 0.1
+    # Sums merge: two halves give the model of the whole.
+    half = len(ids) // 2
+    a, b = CrossFitRewardModel(5), CrossFitRewardModel(5)
+    a.update(keys[:half], fold[:half], reward[:half])
+    b.update(keys[half:], fold[half:], reward[half:])
+    np.testing.assert_allclose(a.merge(b).fit().predict(keys, fold), q, atol=1e-8)
+    assert list(keys.columns) == list(KEY_COLUMNS)
 
 
 # ---- candidates over logged eligible sets ---------------------------------------------------
