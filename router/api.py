@@ -359,7 +359,7 @@ def create_app(
         _: Principal = admin,
     ) -> Response:
         """Take a carrier out of every eligible set."""
-        engine.pause(carrier_id, (body or PauseIn()).reason)
+        service.pause(carrier_id, (body or PauseIn()).reason)
         return _json({"carrier": carrier_id, "paused": True})
 
     @app.post("/v1/carriers/{carrier_id}/resume", responses=errors, tags=["admin"])
@@ -367,7 +367,7 @@ def create_app(
         carrier_id: Annotated[str, Path(pattern=_ID)], _: Principal = admin
     ) -> Response:
         """Put a paused carrier back."""
-        engine.resume(carrier_id)
+        service.resume(carrier_id)
         return _json({"carrier": carrier_id, "paused": False})
 
     @app.get("/healthz", tags=["ops"])

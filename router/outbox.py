@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Item:
     """One thing to publish: kind `d` (decision) or `o` (outcome), origin instance, decision
-    id, payload (for an outcome, `signature\\0payload`)."""
+    id, payload (for an outcome: signature, a NUL byte, body)."""
 
     kind: str
     origin: str

@@ -44,7 +44,8 @@ return out
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stream entry: kind `d` (decision) or `o` (outcome), its origin instance, payload."""
+    """One stream entry: kind `d` (decision), `o` (outcome) or `a` (operator's action), its
+    origin instance, payload."""
 
     shard: int
     id: str
@@ -113,9 +114,9 @@ class RedisBus:
             )
 
     def publish(self, batch: Sequence[tuple[str, str, str, bytes]], ttl_ms: int) -> list[bool]:
-        """Publish (kind, origin, decision_id, payload-or-signature+payload) items in one
-        pipeline, in order; per item, whether it was new. Outcome items carry
-        `signature\0payload` as their payload."""
+        """Publish (kind, origin, key id, payload) items in one pipeline, in order; per item,
+        whether it was new. Kinds: `d` decision, `o` outcome (payload: signature, a NUL byte,
+        body), `a` an operator's action (key id: the carrier)."""
         try:
             return self._publish(batch, ttl_ms)
         except NoScriptError:  # a restarted Redis lost its script cache; publishing is idempotent
@@ -130,6 +131,8 @@ class RedisBus:
             keys = (self.record_key(did), self.stream_key(self.shard_of(did)))
             if kind == "d":
                 pipe.evalsha(self._decision.sha, 2, *keys, payload, origin, ttl_ms)
+            elif kind == "a":  # an operator's pause/resume: repeating it is harmless
+                pipe.xadd(keys[1], {"k": "a", "o": origin, "p": payload})
             else:
                 sig, body = payload.split(b"\0", 1)
                 pipe.evalsha(self._outcomes.sha, 2, *keys, origin, ttl_ms, sig, body)

@@ -134,6 +134,18 @@ class RouterService:
             return self.shared.record_outcomes(events, tenant)
         return self.engine.record_outcomes(events, tenant)
 
+    def pause(self, carrier_id: str, reason: str) -> None:
+        """Take a carrier out of every eligible set, on every replica."""
+        self.engine.pause(carrier_id, reason)
+        if self.shared is not None:
+            self.shared.on_action(carrier_id, True, reason)
+
+    def resume(self, carrier_id: str) -> None:
+        """Put a paused carrier back, on every replica."""
+        self.engine.resume(carrier_id)
+        if self.shared is not None:
+            self.shared.on_action(carrier_id, False)
+
     def health(self) -> dict:
         """`ok`, or `degraded` with the reason (Redis away: decisions still served locally)."""
         if self.shared is None:

@@ -30,7 +30,7 @@ import redis
 from prometheus_client import Counter, Gauge, Histogram
 
 from router.engine import CheckedOutcome, OutcomeEvent, RoutingEngine, outcome_signature
-from router.errors import SharedStateUnavailable, UnknownDecision
+from router.errors import RoutingError, SharedStateUnavailable, UnknownDecision
 from router.outbox import Item, Outbox
 from router.redis_bus import Entry, RedisBus, connect
 from router.snapshot import read_snapshot, write_snapshot
@@ -224,6 +224,11 @@ class SharedState:
         payload = orjson.dumps({**row, "origin": self.replica})
         self.outbox.append([Item("d", self.instance, row["decision_id"], payload)])
 
+    def on_action(self, carrier: str, paused: bool, reason: str | None = None) -> None:
+        """Queue an operator's pause or resume of a carrier for the other replicas."""
+        payload = orjson.dumps({"carrier": carrier, "paused": paused, "reason": reason})
+        self.outbox.append([Item("a", self.instance, carrier, payload)], durable=True)
+
     # ---- outcomes --------------------------------------------------------------------------
 
     def record_outcomes(
@@ -303,7 +308,7 @@ class SharedState:
                     [(i.kind, i.origin, i.decision_id, i.payload) for _, i in batch],
                     self._ttl_ms,
                 )
-                for kind in ("d", "o"):
+                for kind in ("d", "o", "a"):
                     self._count(
                         kind,
                         [a for (_, i), a in zip(batch, answers, strict=True) if i.kind == kind],
@@ -360,6 +365,8 @@ class SharedState:
                 if entry.kind == "d":
                     if self._adopt(entry.payload) and metrics is not None:
                         metrics.applied.labels("decision").inc()
+                elif entry.kind == "a":
+                    self._apply_action(entry.payload)
                 else:
                     self._apply_outcome(entry.payload)
                 self.lag_seconds = max(0.0, (now_ms - entry.millis) / 1000)
@@ -375,6 +382,21 @@ class SharedState:
             if self.metrics is not None:
                 self.metrics.dropped.labels("bad_decision").inc()
             return False
+
+    def _apply_action(self, payload: bytes) -> None:
+        d = orjson.loads(payload)
+        try:
+            if d["paused"]:
+                self._engine.pause(d["carrier"], d["reason"])
+            else:
+                self._engine.resume(d["carrier"])
+        except RoutingError as exc:  # a carrier this replica's catalog lacks
+            log.warning("cannot apply a replicated pause/resume: %s", exc)
+            if self.metrics is not None:
+                self.metrics.dropped.labels("invalid").inc()
+            return
+        if self.metrics is not None:
+            self.metrics.applied.labels("action").inc()
 
     def _apply_outcome(self, payload: bytes) -> None:
         d = orjson.loads(payload)

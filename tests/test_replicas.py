@@ -272,3 +272,19 @@ def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "--workers > 1 needs shared state" in done.stderr
+
+
+def test_a_pause_on_one_replica_pauses_the_carrier_on_all(
+    pair: tuple[LiveServer, LiveServer],
+) -> None:
+    a, b = pair
+
+    def paused(server: LiveServer) -> bool:
+        body = server.client.get("/v1/carriers").json()
+        return next(c["paused"] for c in body["carriers"] if c["id"] == "rulocal")
+
+    assert a.client.post("/v1/carriers/rulocal/pause", json={"reason": "drill"}).status_code == 200
+    wait_for(lambda: paused(b))
+    assert all(d["carrier"] != "rulocal" for d in route(b, 20, t=120))
+    assert b.client.post("/v1/carriers/rulocal/resume").status_code == 200
+    wait_for(lambda: not paused(a))
