@@ -87,14 +87,14 @@ return {0, '0'}
 class RedisBuckets:
     """Token buckets in Redis, shared by every worker and replica (one Lua call per request;
     all keys under one hash tag, so the script is legal on a Redis Cluster). While Redis is
-    unreachable or slow (over 250 ms), each process uses its own in-process buckets for
+    unreachable or slow (over 500 ms), each process uses its own in-process buckets for
     `retry_seconds` before trying Redis again: limits loosen, requests are never refused or
     stalled for long because of Redis."""
 
     def __init__(self, url: str, prefix: str = "router", retry_seconds: float = 5.0) -> None:
         import redis
 
-        self.redis = redis.Redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
+        self.redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.prefix = f"{prefix}:{{ratelimit}}"
         self._script = self.redis.register_script(_TAKE)
         self.local = TokenBuckets()
