@@ -181,5 +181,5 @@ def serving_auth(
             why,
         )
     else:
-        log.warning("auth: %s (mode %s)", state, mode)
+        log.info("auth: %s (mode %s)", state, mode)
     return auth
