@@ -65,6 +65,7 @@ def _shared_settings(args: argparse.Namespace) -> SharedSettings | None:
         return None
     return SharedSettings(
         url=args.redis_url,
+        cluster=args.redis_cluster,
         prefix=args.redis_prefix,
         checkpoint_seconds=args.checkpoint_seconds,
     )
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url",
         default=os.environ.get("REDIS_URL"),
         help="share learned state with other replicas on this Redis (default: $REDIS_URL)",
+    )
+    serve.add_argument(
+        "--redis-cluster", action="store_true", help="the Redis URL is a node of a Redis Cluster"
     )
     serve.add_argument("--redis-prefix", default="router", help="key prefix on the shared Redis")
     serve.add_argument(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
@@ -59,8 +61,16 @@ class Entry:
         return int(self.id.split("-", 1)[0])
 
 
-def connect(url: str, timeout: float = 0.5) -> redis.Redis:
-    """A client that fails fast: short socket timeouts and no silent retries."""
+Client = redis.Redis | RedisCluster
+
+
+def connect(url: str, timeout: float = 0.5, cluster: bool = False) -> Client:
+    """A client that fails fast: short socket timeouts and no silent retries; with `cluster`,
+    a Redis Cluster client that learns the slot map from the node at `url`."""
+    if cluster:
+        return RedisCluster.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        )
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout,
@@ -73,7 +83,7 @@ def connect(url: str, timeout: float = 0.5) -> redis.Redis:
 class RedisBus:
     """Publishes decisions and outcomes, reads the streams, keeps the checkpoint."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "router", shards: int = 8) -> None:
+    def __init__(self, client: Client, prefix: str = "router", shards: int = 8) -> None:
         if not 1 <= shards <= 1024:
             raise ValueError("shards must be between 1 and 1024")
         self.client = client
@@ -125,19 +135,38 @@ class RedisBus:
             return self._publish(batch, ttl_ms)
 
     def _publish(self, batch: Sequence[tuple[str, str, str, bytes]], ttl_ms: int) -> list[bool]:
-        """EVALSHA per item in one pipeline (no per-pipeline SCRIPT EXISTS round trip)."""
-        pipe = self.client.pipeline(transaction=False)
-        for kind, origin, did, payload in batch:
-            keys = (self.record_key(did), self.stream_key(self.shard_of(did)))
-            if kind == "d":
-                pipe.evalsha(self._decision.sha, 2, *keys, payload, origin, ttl_ms)
-            elif kind == "a":  # an operator's pause/resume: repeating it is harmless
-                pipe.xadd(keys[1], {"k": "a", "o": origin, "p": payload})
-            else:
-                sig, body = payload.split(b"\0", 1)
-                pipe.evalsha(self._outcomes.sha, 2, *keys, origin, ttl_ms, sig, body)
-        answers = pipe.execute()
+        """EVALSHA per item, one pipeline per node (no per-pipeline SCRIPT EXISTS round trip;
+        a cluster client's own pipeline refuses scripts). Order holds within a shard."""
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for i, (_, _, did, _) in enumerate(batch):
+            node = self._node(self.stream_key(self.shard_of(did)))
+            groups.setdefault(id(node), (node.pipeline(transaction=False), []))[1].append(i)
+        answers: list[Any] = [None] * len(batch)
+        for pipe, items in groups.values():
+            for i in items:
+                self._queue(pipe, *batch[i], ttl_ms)
+            for i, answer in zip(items, pipe.execute(), strict=True):
+                answers[i] = answer
         return [bool(a[0] if isinstance(a, list) else a) for a in answers]
+
+    def _node(self, key: str) -> redis.Redis:
+        """The client of the node holding `key` (the client itself without a cluster)."""
+        if isinstance(self.client, RedisCluster):
+            return self.client.get_redis_connection(self.client.get_node_from_key(key))
+        return self.client
+
+    def _queue(
+        self, pipe: Any, kind: str, origin: str, did: str, payload: bytes, ttl_ms: int
+    ) -> None:
+        """Queue one item's script (or XADD) on a node's pipeline."""
+        keys = (self.record_key(did), self.stream_key(self.shard_of(did)))
+        if kind == "d":
+            pipe.evalsha(self._decision.sha, 2, *keys, payload, origin, ttl_ms)
+        elif kind == "a":  # an operator's pause/resume: repeating it is harmless
+            pipe.xadd(keys[1], {"k": "a", "o": origin, "p": payload})
+        else:
+            sig, body = payload.split(b"\0", 1)
+            pipe.evalsha(self._outcomes.sha, 2, *keys, origin, ttl_ms, sig, body)
 
     def record(self, decision_ids: Iterable[str]) -> dict[str, bytes]:
         """The published rows of these decisions (those found)."""

@@ -44,6 +44,7 @@ class SharedSettings:
     """How a replica uses Redis (`router serve --redis-url`, or $REDIS_URL)."""
 
     url: str
+    cluster: bool = False  # a Redis Cluster (url: any of its nodes)
     prefix: str = "router"
     shards: int = 8
     socket_timeout: float = 0.5
@@ -95,7 +96,7 @@ class SharedState:
         self.replica, self._slot_fd = claim_replica(self.data_dir)
         self.instance = uuid.uuid4().hex[:16]  # skips its own entries when reading the streams
         self.id_seed = secrets.randbits(64)  # decision ids unique across replicas and restarts
-        self.bus = RedisBus(connect(s.url, s.socket_timeout), s.prefix, s.shards)
+        self.bus = RedisBus(connect(s.url, s.socket_timeout, s.cluster), s.prefix, s.shards)
         self.outbox = Outbox(self.data_dir / "outbox")
         self.snapshot_path = self.data_dir / "replicas" / f"{self.replica}.state.json"
         self.positions: dict[int, str] = {}

@@ -8,6 +8,7 @@ and restart it mid-traffic.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,10 +25,30 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randrange(20_000, 30_000)
+        try:
+            for p in (port, port + 10_000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """A private `redis-server` process that can be stopped, killed and restarted on its port."""
 
-    def __init__(self, directory: Path, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        binary: str | None = None,
+        extra: tuple[str, ...] = (),
+        port: int | None = None,
+    ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
             raise RuntimeError(
@@ -36,7 +57,8 @@ class RedisServer:
         self.binary = found
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = port or _free_port()
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +88,7 @@ class RedisServer:
             "",
             "--logfile",
             str(self.directory / "redis.log"),
+            *self.extra,
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -109,6 +132,56 @@ class RedisServer:
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class LocalCluster:
+    """A Redis Cluster of three primaries on loopback (redis-server + `redis-cli --cluster`)."""
+
+    def __init__(self, directory: Path) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli not found (it comes with redis-server)")
+        self.nodes = [
+            RedisServer(
+                Path(directory) / f"node{k}",
+                extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                port=_free_cluster_port(),
+            )
+            for k in range(3)
+        ]
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        for node in self.nodes:  # every node must agree before the first command
+            with node.client() as c:
+                while c.cluster("info")["cluster_state"] != "ok":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the cluster did not become ready")
+                    time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        """A seed node's URL (the client learns the others)."""
+        return self.nodes[0].url
+
+    def kill(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.kill()
 
 
 class ExternalRedis:

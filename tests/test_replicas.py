@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import T0, LiveServer, launch_server, wait_ready
-from tests.redis_server import ExternalRedis, RedisServer, redis_from_env
+from tests.redis_server import ExternalRedis, LocalCluster, RedisServer, redis_from_env
 
 RU = "+79031234567"
 
@@ -288,3 +288,21 @@ def test_a_pause_on_one_replica_pauses_the_carrier_on_all(
     assert all(d["carrier"] != "rulocal" for d in route(b, 20, t=120))
     assert b.client.post("/v1/carriers/rulocal/resume").status_code == 200
     wait_for(lambda: not paused(a))
+
+
+def test_replicas_learn_as_one_on_a_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> None:
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    args = replica_args(cluster.url, "--redis-cluster")
+    a = launch_server(tmp_path_factory.mktemp("ca"), *args)
+    b = launch_server(tmp_path_factory.mktemp("cb"), *args)
+    try:
+        wait_ready(a)
+        wait_ready(b)
+        decisions = route(a, 30)
+        assert delivered(b, decisions)["recorded"] == 30  # A's decisions, B's outcomes
+        wait_for(lambda: learned(a) == 30 and learned(b) == 30)
+        assert evidence(a) == pytest.approx(evidence(b), abs=0.2)
+    finally:
+        for s in (a, b):
+            s.stop()
+        cluster.kill()
