@@ -178,8 +178,8 @@ class SenderWorker:
             if self._stop.is_set():
                 return
             deliveries = self.jobs.get(self.options.batch, self.options.poll_s)
-            for d in deliveries:
-                self._run(lambda d=d: self._take(d))
+            if deliveries:
+                self._run(lambda ds=deliveries: self._take(ds))
 
     def _run(self, work: Callable[[], None]) -> None:
         with self._lock:
@@ -192,42 +192,63 @@ class SenderWorker:
             with self._lock:
                 self._busy -= 1
 
-    def _take(self, delivery: Delivery) -> None:
-        job = delivery.job
-        self.stats.jobs += 1
-        record = self.ledger.get(job.job_id)
-        if record is not None and record.submitted:
-            # Sent by a worker that died before acknowledging: its submit outcome may not have
-            # reached the router, so report it again (a repeat changes nothing there).
-            self.stats.skipped_redelivered += 1
-            event = OutcomeEvent(record.decision_id, "submit", "ACCEPTED", at=self.clock.now())
-            self.reporter.report([event], lambda: self.jobs.ack(delivery))
-            return
-        first_at = job.at if job.at is not None else self.clock.now()
-        attempt = _Attempt(job, 1, (), None, first_at)
-        self._send(attempt, reuse=record, done=lambda: self.jobs.ack(delivery))
-
-    def _send(
-        self,
-        a: _Attempt,
-        reuse: JobRecord | None = None,
-        done: Callable[[], None] | None = None,
-    ) -> None:
-        """Route (or reuse a recorded decision), submit, report; retry a failure in the SLA."""
-        job = a.job
-        if reuse is not None and reuse.carrier in self.links:
-            decision_id, carrier = reuse.decision_id, reuse.carrier
-            a = _Attempt(job, reuse.attempt, a.exclude, a.parent, a.first_at)
-        else:
-            decision = self._route(a)
+    def _take(self, deliveries: list[Delivery]) -> None:
+        """Route the new jobs of a batch in one request, then submit each in turn."""
+        fresh: list[tuple[_Attempt, Delivery]] = []
+        for d in deliveries:
+            job = d.job
+            self._count("jobs")
+            record = self.ledger.get(job.job_id)
+            ack = self._acker(d)
+            if record is not None and record.submitted:
+                # Sent by a worker that died before acknowledging: its submit outcome may not
+                # have reached the router, so report it again (a repeat changes nothing there).
+                self._count("skipped_redelivered")
+                event = OutcomeEvent(record.decision_id, "submit", "ACCEPTED", at=self.clock.now())
+                self.reporter.report([event], ack)
+                continue
+            first_at = job.at if job.at is not None else self.clock.now()
+            attempt = _Attempt(job, 1, (), None, first_at)
+            if record is not None and record.carrier in self.links:
+                # Routed by a worker that died before submitting: reuse its decision.
+                reused = _Attempt(job, record.attempt, (), None, first_at)
+                self._submit(reused, record.decision_id, record.carrier, ack)
+                continue
+            fresh.append((attempt, d))
+        decisions = self._route_many([a for a, _ in fresh])
+        for (a, d), decision in zip(fresh, decisions, strict=True):
             if decision is None:
-                if done is not None:
-                    done()
-                return
-            decision_id, carrier = decision.decision_id, decision.carrier
-            self.ledger.put(job.job_id, JobRecord(decision_id, carrier, a.attempt, False))
-            if self.on_decision is not None:
-                self.on_decision(job, decision)
+                self.jobs.ack(d)
+                continue
+            self._decided(a, decision)
+            self._submit(a, decision.decision_id, decision.carrier, self._acker(d))
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
+
+    def _acker(self, delivery: Delivery) -> Callable[[], None]:
+        return lambda: self.jobs.ack(delivery)
+
+    def _send(self, a: _Attempt) -> None:
+        """A retry: route it on its own, then submit."""
+        decision = self._route(a)
+        if decision is not None:
+            self._decided(a, decision)
+            self._submit(a, decision.decision_id, decision.carrier, None)
+
+    def _decided(self, a: _Attempt, decision: RouteDecision) -> None:
+        self.ledger.put(
+            a.job.job_id, JobRecord(decision.decision_id, decision.carrier, a.attempt, False)
+        )
+        if self.on_decision is not None:
+            self.on_decision(a.job, decision)
+
+    def _submit(
+        self, a: _Attempt, decision_id: str, carrier: str, done: Callable[[], None] | None
+    ) -> None:
+        """Submit on the decision's carrier, report the result; retry a failure in the SLA."""
+        job = a.job
         link = self.links.get(carrier)
         with self._lock:
             self._pending[decision_id] = a
@@ -244,21 +265,21 @@ class SenderWorker:
             at=now,
         )
         if result.ok:
-            self.stats.submitted += 1
+            self._count("submitted")
             self.ledger.put(job.job_id, JobRecord(decision_id, carrier, a.attempt, True))
             for mid in result.message_ids:
                 self.ledger.map_message(carrier, mid, decision_id)
         else:
-            self.stats.submit_failed += 1
+            self._count("submit_failed")
             with self._lock:
                 self._pending.pop(decision_id, None)
         self.reporter.report([event], done)
         if not result.ok:
             self._maybe_retry(a, decision_id, carrier, now)
 
-    def _route(self, a: _Attempt) -> RouteDecision | None:
+    def _request(self, a: _Attempt) -> RouteRequest:
         job = a.job
-        req = RouteRequest(
+        return RouteRequest(
             to=job.to,
             message_class=job.message_class,
             tenant=job.tenant,
@@ -270,6 +291,34 @@ class SenderWorker:
             parent_decision_id=a.parent,
             at=self.clock.now(),
         )
+
+    def _route_many(self, attempts: list[_Attempt]) -> list[RouteDecision | None]:
+        """Decisions for first attempts, in one request (None: not routable, logged)."""
+        if not attempts:
+            return []
+        reqs = [self._request(a) for a in attempts]
+        delay = self.options.router_backoff_s[0]
+        while True:
+            try:
+                answers = self.router.route_batch(reqs)
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                log.warning("router unreachable (%s); retrying", type(exc).__name__)
+                time.sleep(delay)
+                delay = min(self.options.router_backoff_s[1], delay * 2)
+                continue
+            out: list[RouteDecision | None] = []
+            for answer in answers:
+                if isinstance(answer, RoutingError):
+                    self._count("unroutable")
+                    log.warning("job not routable: %s", answer)
+                    out.append(None)
+                else:
+                    self._count("routed")
+                    out.append(answer)
+            return out
+
+    def _route(self, a: _Attempt) -> RouteDecision | None:
+        req = self._request(a)
         delay = self.options.router_backoff_s[0]
         while True:
             try:
@@ -282,17 +331,17 @@ class SenderWorker:
                 delay = min(self.options.router_backoff_s[1], delay * 2)
                 continue
             except RoutingError as exc:
-                self.stats.unroutable += 1
+                self._count("unroutable")
                 log.warning("job not routable: %s", exc)
                 return None
-            self.stats.routed += 1
+            self._count("routed")
             return decision
 
     def _maybe_retry(self, a: _Attempt, decision_id: str, carrier: str, now: float) -> None:
         sla = self.options.sla_seconds.get(a.job.message_class, self.options.default_sla_seconds)
         if a.attempt >= self.options.max_attempts or now - a.first_at >= sla:
             return
-        self.stats.retries += 1
+        self._count("retries")
         self._retries.put(
             _Attempt(a.job, a.attempt + 1, (*a.exclude, carrier), decision_id, a.first_at)
         )
@@ -312,9 +361,9 @@ class SenderWorker:
         if decision_id is None:
             decision_id = self.ledger.decision_for(carrier, receipt.message_id)
             if decision_id is None:
-                self.stats.unmatched_receipts += 1
+                self._count("unmatched_receipts")
                 return
-        self.stats.receipts += 1
+        self._count("receipts")
         now = self.clock.now()
         at = receipt_time(receipt, now)
         self.reporter.report(
