@@ -197,7 +197,7 @@ class RedisBus:
                             fields[b"p"],
                         )
                     )
-        entries.sort(key=lambda e: tuple(int(x) for x in e.id.split("-")))
+        entries.sort(key=lambda e: _id(e.id))
         return entries
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -233,10 +233,37 @@ class RedisBus:
         return doc["state"], {int(k): v for k, v in doc["positions"].items()}
 
     def trim(self, positions: dict[int, str], keep_ms: int) -> None:
-        """Drop stream entries older than `keep_ms` before the checkpoint's positions."""
-        pipe = self.client.pipeline(transaction=False)
+        """Drop stream entries older than `keep_ms` before the checkpoint's positions; the
+        trim points are recorded first, so a replica that was away can tell it missed some."""
+        points = {}
         for shard, pos in positions.items():
             ms = int(pos.split("-", 1)[0]) - keep_ms
             if ms > 0:
-                pipe.xtrim(self.stream_key(shard), minid=f"{ms}-0", approximate=True)
+                points[shard] = f"{ms}-0"
+        if not points:
+            return
+        self.client.hset(self.trimmed_key, mapping={str(k): v for k, v in points.items()})
+        pipe = self.client.pipeline(transaction=False)
+        for shard, minid in points.items():
+            pipe.xtrim(self.stream_key(shard), minid=minid, approximate=True)
         pipe.execute()
+
+    @property
+    def trimmed_key(self) -> str:
+        """Per shard, the id before which entries may have been trimmed."""
+        return f"{self.prefix}:trimmed"
+
+    def missed(self, positions: dict[int, str]) -> list[int]:
+        """The shards whose entries after these positions may have been trimmed away."""
+        points = self.client.hgetall(self.trimmed_key)
+        return [
+            int(shard)
+            for shard, point in points.items()
+            if _id(positions.get(int(shard), "0-0")) < _id(point.decode())
+        ]
+
+
+def _id(stream_id: str) -> tuple[int, int]:
+    """A stream id as a comparable (milliseconds, sequence) pair."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -110,6 +110,7 @@ class SharedState:
         self.engine: RoutingEngine | None = None
         self.metrics: SharedMetrics | None = None
         self._ttl_ms = 0
+        self._check_gap = True
         self.lag_seconds = 0.0  # Redis time to applied here, of the last other replica's event
 
     # ---- start and stop --------------------------------------------------------------------
@@ -199,6 +200,7 @@ class SharedState:
         if not self.up and self.reason != _NOT_CONNECTED:
             log.warning("Redis answers again: publishing %d buffered item(s)", len(self.outbox))
         self.up, self.reason = True, None
+        self._check_gap = True  # away a long time? the streams may have been trimmed meanwhile
         if self.metrics is not None:
             self.metrics.up.set(1)
 
@@ -343,11 +345,14 @@ class SharedState:
                 self._stop.wait(self.settings.retry_seconds)
                 continue
             try:
+                if self._check_gap:
+                    self.resync_if_missed()
                 entries = self.bus.read(self.positions)
                 if entries:
                     self._apply(entries)
                 if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_seconds:
                     self.checkpoint()
+                    self._check_gap = True
             except redis.RedisError as exc:
                 self._down(exc)
                 continue
@@ -425,6 +430,27 @@ class SharedState:
         engine.apply_outcomes(checked, persist=False)
         if self.metrics is not None:
             self.metrics.applied.labels("outcome").inc()
+
+    def resync_if_missed(self) -> bool:
+        """If entries this replica had not read were trimmed (it was away longer than the
+        retention), restart from the checkpoint under a new instance id, so that its own events
+        after the checkpoint come back from the streams like everyone else's."""
+        self._check_gap = False
+        missed = self.bus.missed(self.positions)
+        checkpoint = self.bus.read_checkpoint() if missed else None
+        if checkpoint is None:
+            return False
+        state, positions = checkpoint
+        with self._accept.exclusive():
+            self._engine.load_state(state)
+            self.positions = positions
+            self.instance = uuid.uuid4().hex[:16]
+        log.warning(
+            "shards %s were trimmed past this replica: resynced from the checkpoint", missed
+        )
+        if self.metrics is not None:
+            self.metrics.dropped.labels("resync").inc()
+        return True
 
     # ---- checkpoints -----------------------------------------------------------------------
 

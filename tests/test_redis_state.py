@@ -15,9 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from redis.crc import key_slot
 
+from carriers.catalog import EXAMPLE_CATALOG, load_catalog
+from router.config import load_config
 from router.decision_log import DECISIONS, DecisionLog
+from router.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
 from router.outbox import Item, Outbox
 from router.redis_bus import RedisBus, connect
+from router.shared_state import SharedSettings, SharedState
 from tests.redis_server import ExternalRedis, LocalCluster, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,3 +221,42 @@ def test_the_bus_works_on_a_redis_cluster(tmp_path: Path) -> None:
         assert bus.read_checkpoint() == ({"x": 1}, {0: entries[0].id})
     finally:
         cluster.kill()
+
+
+def _replica(url: str, folder: Path) -> tuple[SharedState, RoutingEngine]:
+    """An in-process replica: engine + shared state (no retention behind checkpoints)."""
+    settings = SharedSettings(url=url, checkpoint_seconds=3600, retention_seconds=0)
+    shared = SharedState(settings, folder)
+    engine = RoutingEngine(
+        load_catalog(EXAMPLE_CATALOG),
+        load_config(),
+        EngineOptions(replica=shared.replica, id_seed=shared.id_seed),
+        log_decision=shared.on_decision,
+    )
+    shared.start(engine)
+    return shared, engine
+
+
+def test_a_replica_away_past_the_retention_resyncs_from_the_checkpoint(
+    redis_server: RedisServer | ExternalRedis, tmp_path: Path
+) -> None:
+    a, engine_a = _replica(redis_server.url, tmp_path / "a")
+    b, engine_b = _replica(redis_server.url, tmp_path / "b")
+    try:
+        b._stop.set()  # B stops reading: cut off from Redis, as far as A can tell
+        for thread in b._threads:
+            thread.join(timeout=5)
+        t0 = 1_793_606_400.0  # 2026-11-02T08:00Z
+        decisions = [engine_a.route(RouteRequest("+79031234567", at=t0)) for _ in range(30)]
+        events = [OutcomeEvent(d.decision_id, "dlr", "DELIVRD", at=t0 + 4) for d in decisions]
+        assert a.record_outcomes(events) == ["recorded"] * 30
+        a.flush()
+        assert not b.resync_if_missed()  # nothing trimmed yet: B can catch up from the stream
+        a.checkpoint()  # trims everything before its positions (retention 0)
+        assert b.bus.missed(b.positions)
+        assert b.resync_if_missed()
+        assert engine_b.stats.learned == engine_a.stats.learned == 30
+        assert not b.resync_if_missed()
+    finally:
+        a.close()
+        b.close()
