@@ -269,6 +269,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         "experiment", "run", str(scenario), "--policies", "thompson", "--out", str(tmp / "exp")
     )
     redis_srv = redis_from_env(tmp / "redis")  # a private server keeps its files in `tmp`
+    with redis_srv.client() as r:  # REDIS_URL's server may hold an earlier run's
+        for key in r.scan_iter("privacy*"):
+            r.delete(key)
     live = start_server(data, "--redis-url", redis_srv.url, "--redis-prefix", "privacy")
     try:
         _serve_workload(live, result)
