@@ -309,6 +309,19 @@ def test_a_revoked_key_is_refused_at_once(live: LiveServer, keys: Keys) -> None:
     route(live, keys["acme"])  # the others still work
 
 
+def test_an_unreadable_key_store_fails_closed(live: LiveServer, keys: Keys) -> None:
+    path = keys.data_dir / "api_keys.json"
+    good = path.read_bytes()
+    try:
+        path.write_bytes(good[: len(good) // 2])  # a torn file (what atomic writes prevent)
+        resp = live.client.post("/v1/route", json={"to": RU, "at": T0}, headers=keys["acme"])
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "auth_unavailable"
+        assert live.client.get("/healthz").json()["auth"] == "unavailable"
+    finally:
+        path.write_bytes(good)
+    route(live, keys["acme"])
+
+
 def test_required_mode_without_keys_refuses_and_off_mode_is_open(
     tmp_path: Path, keys: Keys
 ) -> None:
