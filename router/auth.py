@@ -119,7 +119,7 @@ class Auth:
         denied = self.buckets.take(who.buckets, items)
         if denied is not None:
             raise RateLimited(
-                f"rate limit of {denied.bucket} exceeded ({denied.limit.rate:g} requests/s, "
+                f"rate limit of {denied.bucket} exceeded ({denied.limit.rate:g} items/s, "
                 f"burst {denied.limit.burst:g}); retry in {denied.retry_after:.2f} s",
                 denied.retry_after,
                 {"limit": denied.bucket, "rate": denied.limit.rate, "burst": denied.limit.burst},
