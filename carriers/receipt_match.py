@@ -140,6 +140,12 @@ class ReceiptMatcher:
             sent = self._ids.pop(found)[1] if receipt.final else self._ids[found][1]
             return sent
 
+    def release(self, message_id: str) -> None:
+        """Drop the held receipts of an id that was matched elsewhere (another connection's
+        submit, found in a shared ledger)."""
+        with self._lock:
+            self._held.pop(_bare(message_id), None)
+
     def forget(self, message_id: str) -> None:
         """Stop tracking an id (its message failed as a whole, so no receipt is wanted)."""
         with self._lock:

@@ -357,6 +357,7 @@ class SmppCarrier:
         retry_backoff: tuple[float, float] = (0.05, 2.0),
         tcp_nodelay: bool = True,
         matcher: ReceiptMatcher | None = None,
+        resolve_unmatched: Callable[[Receipt], str | None] | None = None,
     ) -> None:
         if bind not in ("transceiver", "pair"):
             raise ValueError(f"bind must be 'transceiver' or 'pair', not {bind!r}")
@@ -374,6 +375,7 @@ class SmppCarrier:
         self.max_retries, self.retry_backoff = max_retries, retry_backoff
         self.tcp_nodelay = tcp_nodelay
         self.matcher = matcher or ReceiptMatcher()
+        self.resolve_unmatched = resolve_unmatched
         self._window = threading.BoundedSemaphore(window)
         self._bucket = TokenBucket(max_tps) if max_tps else None
         self._link: _Link | None = None
@@ -618,7 +620,24 @@ class SmppCarrier:
                 sent = self.matcher.received(receipt)
                 if sent is not None:
                     self._report(sent, receipt)
+                else:
+                    self._resolve_elsewhere(receipt)
         bind.respond(f"{pdu.command}_resp", pdu)
+
+    def _resolve_elsewhere(self, receipt: Receipt) -> None:
+        """A receipt for no submit of this connection: ask `resolve_unmatched` (a shared job
+        ledger, for messages another worker submitted before it died); else it stays held."""
+        if self.resolve_unmatched is None or self.on_receipt is None:
+            return
+        try:
+            key = self.resolve_unmatched(receipt)
+            if key is not None:
+                self.matcher.release(receipt.message_id)
+                self._count("reported_receipts")
+                self.on_receipt(key, receipt)
+        except Exception:
+            self._count("callback_errors")
+            log.exception("carrier %s: resolving a receipt failed", self.carrier_id)
 
     def _report(self, sent: Sent, receipt: Receipt) -> None:
         """Hand a matched receipt to `on_receipt` (first parts only)."""

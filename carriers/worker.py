@@ -267,8 +267,8 @@ class SenderWorker:
         if result.ok:
             self._count("submitted")
             self.ledger.put(job.job_id, JobRecord(decision_id, carrier, a.attempt, True))
-            for mid in result.message_ids:
-                self.ledger.map_message(carrier, mid, decision_id)
+            if result.message_ids:  # receipts are reported for the first part
+                self.ledger.map_message(carrier, result.message_ids[0], decision_id)
         else:
             self._count("submit_failed")
             with self._lock:
@@ -351,6 +351,10 @@ class SenderWorker:
     def receipt_handler(self, carrier: str) -> Callable[[str, Receipt], None]:
         """The `on_receipt` callback for `carrier`'s link."""
         return lambda key, receipt: self.on_receipt(carrier, key, receipt)
+
+    def receipt_resolver(self, carrier: str) -> Callable[[Receipt], str | None]:
+        """The link's `resolve_unmatched`: the decision of a message another worker sent."""
+        return lambda receipt: self.ledger.decision_for(carrier, receipt.message_id)
 
     def on_receipt(self, carrier: str, decision_id: str | None, receipt: Receipt) -> None:
         """Report a receipt; a final failure inside the SLA sends the job on the next carrier.

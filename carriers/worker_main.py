@@ -169,6 +169,7 @@ def run_worker(args: argparse.Namespace) -> int:
             window=s.window,
             max_tps=s.max_tps,
             on_receipt=worker.receipt_handler(s.carrier),
+            resolve_unmatched=worker.receipt_resolver(s.carrier),
         )
         try:
             link.start(timeout=10)

@@ -235,7 +235,9 @@ def test_an_smsc_killed_and_restarted_mid_run_loses_nothing(live, fleet_factory)
 def test_a_killed_worker_process_loses_no_job_and_counts_none_twice(
     live, fleet_factory, redis_server, tmp_path
 ):
-    fleet = fleet_factory(submit_resp_delay=0.05)
+    # Receipts come 2 s after each submit, so the dead worker's receipts reach the new one,
+    # which finds their decisions in the shared ledger.
+    fleet = fleet_factory({cid: deliver_after(2.0) for cid in CARRIERS}, submit_resp_delay=0.05)
     url = redis_server.url
     stream = "test:{jobs}"
     queue = RedisStreamQueue(url, stream=stream, consumer="producer")
