@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,18 +284,14 @@ class SharedState:
                 time.sleep(0.02)
 
     def _publish_outcomes(self, items: list[Item]) -> list[bool]:
-        """Publish now (after this replica's queued decisions) or journal durably; per item,
-        whether it is new across all replicas."""
+        """Publish now, in one round trip behind this replica's queued decisions (their
+        outcomes may be among these), or journal durably; per item, whether it is new across
+        all replicas."""
         if not items:
             return []
         if self.up:
             try:
-                self.flush()
-                answers = self.bus.publish(
-                    [(i.kind, i.origin, i.decision_id, i.payload) for i in items], self._ttl_ms
-                )
-                self._count("o", answers)
-                return answers
+                return self.flush(items)
             except redis.RedisError as exc:
                 self._down(exc)
         self.outbox.append(items, durable=True)
@@ -303,20 +299,27 @@ class SharedState:
 
     # ---- publishing ------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Publish everything queued, oldest first; raises RedisError if Redis fails."""
+    def flush(self, extra: Sequence[Item] = ()) -> list[bool]:
+        """Publish everything queued, oldest first, then `extra` (in the last pipeline);
+        returns whether each extra item was new. Raises RedisError if Redis fails."""
         with self._flush_lock:
-            while batch := self.outbox.peek(1000):
+            while True:
+                batch = self.outbox.peek(1000)
+                last = len(batch) < 1000
+                items = [i for _, i in batch] + (list(extra) if last else [])
+                if not items:
+                    return []
                 answers = self.bus.publish(
-                    [(i.kind, i.origin, i.decision_id, i.payload) for _, i in batch],
-                    self._ttl_ms,
+                    [(i.kind, i.origin, i.decision_id, i.payload) for i in items], self._ttl_ms
                 )
                 for kind in ("d", "o", "a"):
                     self._count(
-                        kind,
-                        [a for (_, i), a in zip(batch, answers, strict=True) if i.kind == kind],
+                        kind, [a for i, a in zip(items, answers, strict=True) if i.kind == kind]
                     )
-                self.outbox.done(batch[-1][0])
+                if batch:
+                    self.outbox.done(batch[-1][0])
+                if last:
+                    return answers[len(batch) :]
 
     def _count(self, kind: str, answers: list[bool]) -> None:
         if self.metrics is not None and answers:

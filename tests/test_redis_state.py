@@ -251,6 +251,10 @@ def test_a_replica_away_past_the_retention_resyncs_from_the_checkpoint(
         events = [OutcomeEvent(d.decision_id, "dlr", "DELIVRD", at=t0 + 4) for d in decisions]
         assert a.record_outcomes(events) == ["recorded"] * 30
         a.flush()
+        deadline = time.monotonic() + 10
+        while a.bus.read(a.positions):  # A's reader has caught up with its own entries
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert not b.resync_if_missed()  # nothing trimmed yet: B can catch up from the stream
         a.checkpoint()  # trims everything before its positions (retention 0)
         assert b.bus.missed(b.positions)
