@@ -34,9 +34,10 @@ from tests.redis_server import RedisServer
 PREFIXES = [("+7903", 7), ("+49151", 8), ("+7916", 7)]  # RU (Beeline, MTS), DE mobile ranges
 
 
-def _client(args: tuple[str, float, int]) -> dict:
-    """One client process: route, then report the receipt, until the deadline."""
-    url, seconds, seed = args
+def _client(args: tuple[str, float, int, int | None]) -> dict:
+    """One client process: route, then report the receipt, until the deadline (or `count`
+    times)."""
+    url, seconds, seed, count = args
     rng = random.Random(seed)
     route_lat: list[float] = []
     outcome_lat: list[float] = []
@@ -45,7 +46,7 @@ def _client(args: tuple[str, float, int]) -> dict:
     start = time.time()
     end = time.monotonic() + seconds
     with httpx.Client(base_url=url, timeout=30) as c:
-        while time.monotonic() < end:
+        while time.monotonic() < end if count is None else len(route_lat) < count:
             prefix, digits = rng.choice(PREFIXES)
             to = f"{prefix}{rng.randrange(10**digits):0{digits}d}"
             t = time.perf_counter()
@@ -123,15 +124,16 @@ def run(folder: Path, seconds: float, clients: int, workers: int, redis_url: str
     try:
         if redis_url:
             _replicas(live.url, workers)  # every worker up before the clock starts
+        alone = _client((live.url, 0.0, -1, 300))  # one request at a time, nothing else
         lags: list[float] = []
         stop = threading.Event()
         sampler = threading.Thread(target=_sample_lag, args=(live.url, lags, stop), daemon=True)
         if redis_url:
             sampler.start()
         with mp.get_context("spawn").Pool(clients) as pool:
-            parts = pool.map(_client, [(live.url, seconds, k) for k in range(clients)])
+            parts = pool.map(_client, [(live.url, seconds, k, None) for k in range(clients)])
         stop.set()
-        acked = sum(part["acked"] for part in parts)
+        acked = sum(part["acked"] for part in parts) + alone["acked"]
         settled = _settle(live.url, workers, acked) if redis_url else (float("nan"), {})
     finally:
         live.stop()
@@ -147,6 +149,7 @@ def run(folder: Path, seconds: float, clients: int, workers: int, redis_url: str
         "settle_s": settled[0],
         "learned": [s["learned"] for s in settled[1].values()],
         "lag_ms": lags,
+        "alone": alone,
     }
 
 
@@ -164,6 +167,11 @@ def report(name: str, r: dict) -> None:
         f"p50 {_pct(outcomes, 50):.2f} ms  p99 {_pct(outcomes, 99):.2f} ms"
     )
     print(f"errors: {sum(r['errors'].values())} {dict(r['errors'])}")
+    alone = r["alone"]
+    print(
+        f"one request at a time (before the load, {len(alone['route'])} each): decision p50 "
+        f"{_pct(alone['route'], 50):.2f} ms, outcome p50 {_pct(alone['outcome'], 50):.2f} ms"
+    )
     if r["lag_ms"]:
         lag = r["lag_ms"]
         print(

@@ -67,6 +67,7 @@ class Outbox:
         self._lock = threading.Lock()
         self._stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._items: deque[tuple[int, Item]] = deque()
+        self._decisions: dict[str, Item] = {}  # queued decisions by id
         self._next_item = 0
         self._journals: list[_Journal] = []
         self._seq = 0
@@ -80,6 +81,8 @@ class Outbox:
         with self._lock:
             _write_all(self._current.fd, data)
             for item in items:
+                if item.kind == "d":
+                    self._decisions[item.decision_id] = item
                 self._items.append((self._next_item, item))
                 self._current.last_item = self._next_item
                 self._next_item += 1
@@ -108,6 +111,8 @@ class Outbox:
                     _remove(journal)
                     continue
                 for item in items:
+                    if item.kind == "d":
+                        self._decisions[item.decision_id] = item
                     self._items.append((self._next_item, item))
                     self._next_item += 1
                 journal.last_item = self._next_item - 1
@@ -126,11 +131,18 @@ class Outbox:
         with self._lock:
             return [self._items[i] for i in range(min(limit, len(self._items)))]
 
+    def queued_decisions(self, decision_ids: set[str]) -> list[Item]:
+        """The queued (unpublished) decisions among these ids."""
+        with self._lock:
+            return [self._decisions[d] for d in decision_ids if d in self._decisions]
+
     def done(self, upto: int) -> None:
         """Items up to sequence number `upto` are published: drop them and spent journals."""
         with self._lock:
             while self._items and self._items[0][0] <= upto:
-                self._items.popleft()
+                _, item = self._items.popleft()
+                if item.kind == "d":
+                    self._decisions.pop(item.decision_id, None)
             keep = []
             for journal in self._journals:
                 if journal is not self._current and journal.last_item <= upto:

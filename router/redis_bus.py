@@ -124,30 +124,42 @@ class RedisBus:
             )
 
     def publish(self, batch: Sequence[tuple[str, str, str, bytes]], ttl_ms: int) -> list[bool]:
-        """Publish (kind, origin, key id, payload) items in one pipeline, in order; per item,
-        whether it was new. Kinds: `d` decision, `o` outcome (payload: signature, a NUL byte,
-        body), `a` an operator's action (key id: the carrier)."""
-        try:
-            return self._publish(batch, ttl_ms)
-        except NoScriptError:  # a restarted Redis lost its script cache; publishing is idempotent
-            for script in (self._decision, self._outcomes):
-                script.sha = self.client.script_load(script.script)
-            return self._publish(batch, ttl_ms)
+        """Publish (kind, origin, key id, payload) items in one pipeline per node, in order;
+        per item, whether it was new. Kinds: `d` decision, `o` outcome (payload: signature, a
+        NUL byte, body), `a` an operator's action (key id: the carrier). Items refused because
+        Redis lost its scripts (a restart, SCRIPT FLUSH) are retried once the scripts are
+        loaded again; the others' answers stand (they ran)."""
+        answers = self._publish(batch, range(len(batch)), ttl_ms)
+        missing = [i for i, a in enumerate(answers) if isinstance(a, NoScriptError)]
+        if missing:
+            self.load_scripts()
+            for i, answer in zip(missing, self._publish(batch, missing, ttl_ms), strict=True):
+                answers[i] = answer
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return [bool(a[0] if isinstance(a, list) else a) for a in answers]
 
-    def _publish(self, batch: Sequence[tuple[str, str, str, bytes]], ttl_ms: int) -> list[bool]:
+    def load_scripts(self) -> None:
+        """Load the Lua scripts (on every primary of a cluster)."""
+        for script in (self._decision, self._outcomes):
+            script.sha = self.client.script_load(script.script)
+
+    def _publish(
+        self, batch: Sequence[tuple[str, str, str, bytes]], which: Sequence[int], ttl_ms: int
+    ) -> list[Any]:
         """EVALSHA per item, one pipeline per node (no per-pipeline SCRIPT EXISTS round trip;
-        a cluster client's own pipeline refuses scripts). Order holds within a shard."""
+        a cluster client's own pipeline refuses scripts); answers or errors, per item."""
         groups: dict[int, tuple[Any, list[int]]] = {}
-        for i, (_, _, did, _) in enumerate(batch):
-            node = self._node(self.stream_key(self.shard_of(did)))
+        for i in which:
+            node = self._node(self.stream_key(self.shard_of(batch[i][2])))
             groups.setdefault(id(node), (node.pipeline(transaction=False), []))[1].append(i)
-        answers: list[Any] = [None] * len(batch)
+        answers: dict[int, Any] = {}
         for pipe, items in groups.values():
             for i in items:
                 self._queue(pipe, *batch[i], ttl_ms)
-            for i, answer in zip(items, pipe.execute(), strict=True):
-                answers[i] = answer
-        return [bool(a[0] if isinstance(a, list) else a) for a in answers]
+            answers.update(zip(items, pipe.execute(raise_on_error=False), strict=True))
+        return [answers[i] for i in which]
 
     def _node(self, key: str) -> redis.Redis:
         """The client of the node holding `key` (the client itself without a cluster)."""

@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,7 @@ class SharedState:
         checkpoint = None
         try:
             self.bus.check_layout()
+            self.bus.load_scripts()
             checkpoint = self.bus.read_checkpoint()
             self._mark_up()
         except redis.RedisError as exc:
@@ -214,6 +215,7 @@ class SharedState:
     def _reconnect(self) -> bool:
         try:
             self.bus.client.ping()
+            self.bus.load_scripts()  # a restarted Redis has none: load before publishing
         except redis.RedisError as exc:
             self._down(exc)
             return False
@@ -284,42 +286,43 @@ class SharedState:
                 time.sleep(0.02)
 
     def _publish_outcomes(self, items: list[Item]) -> list[bool]:
-        """Publish now, in one round trip behind this replica's queued decisions (their
-        outcomes may be among these), or journal durably; per item, whether it is new across
-        all replicas."""
+        """Publish now, in one round trip after their decisions if these are still queued
+        here (publishing a decision twice is harmless), or journal durably; per item, whether
+        it is new across all replicas."""
         if not items:
             return []
         if self.up:
+            own = self.outbox.queued_decisions({i.decision_id for i in items})
             try:
-                return self.flush(items)
+                answers = self.bus.publish(
+                    [(i.kind, i.origin, i.decision_id, i.payload) for i in [*own, *items]],
+                    self._ttl_ms,
+                )
             except redis.RedisError as exc:
                 self._down(exc)
+            else:
+                self._count("d", answers[: len(own)])
+                self._count("o", answers[len(own) :])
+                return answers[len(own) :]
         self.outbox.append(items, durable=True)
         return [True] * len(items)
 
     # ---- publishing ------------------------------------------------------------------------
 
-    def flush(self, extra: Sequence[Item] = ()) -> list[bool]:
-        """Publish everything queued, oldest first, then `extra` (in the last pipeline);
-        returns whether each extra item was new. Raises RedisError if Redis fails."""
+    def flush(self) -> None:
+        """Publish everything queued, oldest first; raises RedisError if Redis fails."""
         with self._flush_lock:
-            while True:
-                batch = self.outbox.peek(1000)
-                last = len(batch) < 1000
-                items = [i for _, i in batch] + (list(extra) if last else [])
-                if not items:
-                    return []
+            while batch := self.outbox.peek(1000):
                 answers = self.bus.publish(
-                    [(i.kind, i.origin, i.decision_id, i.payload) for i in items], self._ttl_ms
+                    [(i.kind, i.origin, i.decision_id, i.payload) for _, i in batch],
+                    self._ttl_ms,
                 )
                 for kind in ("d", "o", "a"):
                     self._count(
-                        kind, [a for i, a in zip(items, answers, strict=True) if i.kind == kind]
+                        kind,
+                        [a for (_, i), a in zip(batch, answers, strict=True) if i.kind == kind],
                     )
-                if batch:
-                    self.outbox.done(batch[-1][0])
-                if last:
-                    return answers[len(batch) :]
+                self.outbox.done(batch[-1][0])
 
     def _count(self, kind: str, answers: list[bool]) -> None:
         if self.metrics is not None and answers:
@@ -421,10 +424,13 @@ class SharedState:
         engine = self._engine
         try:
             checked = engine.check_outcomes([event])
-        except UnknownDecision:
-            if self.metrics is not None:
-                self.metrics.dropped.labels("unknown_decision").inc()
-            return
+        except UnknownDecision:  # its decision's entry not read yet (or lost): its record
+            rows = self.bus.record([event.decision_id])
+            if not (rows and self._adopt(rows[event.decision_id])):
+                if self.metrics is not None:
+                    self.metrics.dropped.labels("unknown_decision").inc()
+                return
+            checked = engine.check_outcomes([event])
         except Exception as exc:
             log.warning("cannot apply a replicated outcome: %s", exc)
             if self.metrics is not None:

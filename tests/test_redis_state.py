@@ -264,3 +264,12 @@ def test_a_replica_away_past_the_retention_resyncs_from_the_checkpoint(
     finally:
         a.close()
         b.close()
+
+
+def test_lost_scripts_are_reloaded_and_answers_stay_exact(bus: RedisBus) -> None:
+    ids = [f"{n:032x}" for n in range(20)]
+    items = [("d", "i", did, b"{}") for did in ids]
+    assert bus.publish(items[:10], ttl_ms=60_000) == [True] * 10
+    bus.client.script_flush()  # as after a Redis restart, or an operator's SCRIPT FLUSH
+    assert bus.publish(items, ttl_ms=60_000) == [False] * 10 + [True] * 10
+    assert len(bus.read({}, count=1000)) == 20
