@@ -100,6 +100,7 @@ class RedisServer:
             except redis.RedisError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
                 raise RuntimeError(f"redis-server did not start: {self.log_tail()}")
             time.sleep(0.05)
 
@@ -149,6 +150,14 @@ class LocalCluster:
             )
             for k in range(3)
         ]
+        try:
+            self._create(cli)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _create(self, cli: str) -> None:
+        """Start the nodes, assign the slots, wait until every node says the cluster is ok."""
         for node in self.nodes:
             node.start()
         subprocess.run(
