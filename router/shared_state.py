@@ -271,7 +271,12 @@ class SharedState:
             except UnknownDecision as exc:
                 if not self.up:
                     raise _unreachable(exc) from None
-                if all_published or time.monotonic() > deadline:
+                if all_published:
+                    # Found in Redis yet unknown here: another tenant's. Answer no sooner than
+                    # for an id that does not exist, so timing does not tell them apart.
+                    time.sleep(max(0.0, deadline - time.monotonic()))
+                    raise
+                if time.monotonic() > deadline:
                     raise
                 unknown = exc
             try:
