@@ -344,47 +344,44 @@ def _bucket(ids: pa.Array, n: int) -> np.ndarray:
     return (hashed % np.uint64(n)).astype(np.int64)
 
 
-_SPILL_BUFFER_ROWS = 131_072  # rows held before the buckets are written (one row group each)
+_SPILL_BUFFER_ROWS = 131_072  # rows held before the buckets are written
 
 
 def _spill(
     paths: Sequence[Path], schema: pa.Schema, columns: list[str] | None, n: int, out: Path
-) -> list[Path]:
-    """Split a stream batch by batch into `n` files by decision-id hash; returns their paths."""
+) -> list[list[Path]]:
+    """Split a stream batch by batch into `n` buckets by decision-id hash; each bucket's files.
+
+    Every flush writes one new file per bucket and closes it: a writer kept open would hold
+    every row group's metadata until the end, which grows with the log.
+    """
     names = columns or schema.names
     target = pa.schema([schema.field(c) for c in names])
-    files = [out / f"part-{i:05d}.parquet" for i in range(n)]
-    writers: dict[int, pq.ParquetWriter] = {}
+    files: list[list[Path]] = [[] for _ in range(n)]
     buffers: dict[int, list[pa.Table]] = {}
     buffered = 0
 
     def flush() -> None:
         for b, parts in buffers.items():
-            if b not in writers:
-                writers[b] = pq.ParquetWriter(files[b], target)
-            writers[b].write_table(pa.concat_tables(parts))
+            path = out / f"part-{b:05d}-{len(files[b]):05d}.parquet"
+            pq.write_table(pa.concat_tables(parts), path, write_statistics=False)
+            files[b].append(path)
         buffers.clear()
 
-    try:
-        for path in paths:
-            with pq.ParquetFile(path) as f:
-                for batch in f.iter_batches(batch_size=65_536, columns=names):
-                    bucket = _bucket(batch.column("decision_id"), n)
-                    order = np.argsort(bucket, kind="stable")
-                    table = pa.Table.from_batches([batch]).cast(target).take(order)
-                    cuts = np.searchsorted(bucket[order], np.arange(n + 1))
-                    for b in np.flatnonzero(np.diff(cuts)):
-                        buffers.setdefault(b, []).append(
-                            table.slice(cuts[b], cuts[b + 1] - cuts[b])
-                        )
-                    buffered += len(table)
-                    if buffered >= _SPILL_BUFFER_ROWS:
-                        flush()
-                        buffered = 0
-        flush()
-    finally:
-        for writer in writers.values():
-            writer.close()
+    for path in paths:
+        with pq.ParquetFile(path) as f:
+            for batch in f.iter_batches(batch_size=65_536, columns=names):
+                bucket = _bucket(batch.column("decision_id"), n)
+                order = np.argsort(bucket, kind="stable")
+                table = pa.Table.from_batches([batch]).cast(target).take(order)
+                cuts = np.searchsorted(bucket[order], np.arange(n + 1))
+                for b in np.flatnonzero(np.diff(cuts)):
+                    buffers.setdefault(b, []).append(table.slice(cuts[b], cuts[b + 1] - cuts[b]))
+                buffered += len(table)
+                if buffered >= _SPILL_BUFFER_ROWS:
+                    flush()
+                    buffered = 0
+    flush()
     return files
 
 
@@ -404,10 +401,7 @@ def partitions(directory: Path, rows_per_partition: int = 250_000) -> Iterator[l
         (Path(tmp) / OUTCOMES).mkdir()
         d_files = _spill(dec, DECISION_SCHEMA, None, n, Path(tmp) / DECISIONS)
         o_files = _spill(out, OUTCOME_SCHEMA, OUTCOME_COLUMNS, n, Path(tmp) / OUTCOMES)
-        yield [
-            Partition(tuple(p for p in (d,) if p.exists()), tuple(p for p in (o,) if p.exists()))
-            for d, o in zip(d_files, o_files, strict=True)
-        ]
+        yield [Partition(tuple(d), tuple(o)) for d, o in zip(d_files, o_files, strict=True)]
 
 
 def latest_event(directory: Path) -> datetime | None:
