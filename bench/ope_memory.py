@@ -6,8 +6,8 @@
    propensities) are written segment by segment, never held whole.
 2. Ours: `router.evaluation.evaluate` (cross-fitted reward model, IPS/SNIPS/DM/DR/SNDR, Poisson
    bootstrap B=200, weight histograms; three candidates) runs in a child process per log size,
-   its peak RSS read from `wait4` (with `--cap-gb`, also at the largest size under that
-   address-space cap, RLIMIT_AS).
+   its peak RSS read from `wait4`. With `--cap-gb`, ours on the largest log and obp on its
+   largest also run under that address-space cap (RLIMIT_AS).
 3. obp 0.5.7 (in its own venv, built by scripts/obp_check.sh) gets the same inputs: our pass 2
    exports reward, action, pscore, π_e and q̂ per decision; obp's child loads them whole (as obp
    needs) with the raw log itself (as a user building obp's arrays must), then runs IPS, SNIPS
@@ -296,11 +296,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000000,2000000,10500000")
     parser.add_argument("--obp-sizes", default="500000,1000000,2000000")
     parser.add_argument("--rows-per-partition", type=int, default=50_000)
+    parser.add_argument("--capped-only", action="store_true", help="only the capped runs")
     parser.add_argument(
         "--cap-gb",
         type=float,
         default=0.0,
-        help="also run ours at the largest size under this RLIMIT_AS (0: no)",
+        help="also run ours and obp at their largest sizes under this RLIMIT_AS (0: no)",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/ope-memory"))
     args = parser.parse_args()
@@ -317,61 +318,71 @@ def orchestrate(args: argparse.Namespace) -> None:
     """The whole benchmark (parent process)."""
     sizes = [int(s) for s in args.sizes.split(",")]
     obp_sizes = [int(s) for s in args.obp_sizes.split(",")]
-    cap = int(args.cap_gb * 2**30)
     rows = []
-    for n in sorted(set(sizes) | set(obp_sizes)):
+    for n in sorted(set(sizes) | set(obp_sizes)) if not args.capped_only else []:
         logs = args.work / f"log-{n}"
         arrow = generate(logs, n)
         print(f"log of {n:,} decisions: {arrow / 2**30:.2f} GiB in memory (Arrow)", flush=True)
         if n in sizes:
-            code, rss, _ = run_child(
-                ["ours", "--logs", str(logs), "--rows-per-partition", str(args.rows_per_partition)],
-                Path(sys.executable),
-                None,
-            )
-            rows.append(("ours", n, arrow, rss, code, None))
+            code, rss, _ = _ours(logs, args.rows_per_partition, None)
+            rows.append(("ours", n, arrow, rss, code))
             print(f"  ours: peak RSS {rss:,.0f} MiB (exit {code})", flush=True)
         if n in obp_sizes and OBP_PYTHON.exists():
-            arrays = args.work / f"obp-{n}"
-            shutil.rmtree(arrays, ignore_errors=True)
-            code, _, ours_out = run_child(
-                ["ours", "--logs", str(logs), "--export", str(arrays)], Path(sys.executable), None
-            )
-            code, rss, obp_out = run_child(
-                ["obp", "--arrays", str(arrays), "--logs", str(logs)], OBP_PYTHON, None
-            )
-            rows.append(("obp", n, arrow, rss, code, None))
+            code, rss, worst = _obp(logs, args.work / f"obp-{n}", None)
+            rows.append(("obp", n, arrow, rss, code))
             print(f"  obp (log + arrays): peak RSS {rss:,.0f} MiB (exit {code})", flush=True)
-            _agreement(json.loads(ours_out), json.loads(obp_out))
-            shutil.rmtree(arrays, ignore_errors=True)
-    largest = max(sizes)
-    if cap:
-        logs = args.work / f"log-{largest}"
-        code, rss, _ = run_child(
-            ["ours", "--logs", str(logs), "--rows-per-partition", str(args.rows_per_partition)],
-            Path(sys.executable),
-            cap,
+            print(f"  ours vs obp, same inputs: largest relative difference {worst:.1e}")
+    if rows:
+        _summary(rows, max(sizes))
+    if args.cap_gb:
+        cap = int(args.cap_gb * 2**30)
+        n, m = max(sizes), max(obp_sizes)
+        arrow = generate(args.work / f"log-{n}", n)
+        code, rss, _ = _ours(args.work / f"log-{n}", args.rows_per_partition, cap)
+        print(
+            f"under RLIMIT_AS {args.cap_gb} GiB: ours on {n:,} decisions "
+            f"({arrow / 2**30:.2f} GiB in memory): exit {code}, peak RSS {rss:,.0f} MiB"
         )
-        print(f"ours at {largest:,} under RLIMIT_AS {args.cap_gb} GiB: exit {code}, {rss:,.0f} MiB")
-    _summary(rows, largest)
+        code, rss, _ = _obp(args.work / f"log-{m}", args.work / f"obp-{m}", cap)
+        print(f"under RLIMIT_AS {args.cap_gb} GiB: obp on {m:,}: exit {code}, {rss:,.0f} MiB")
 
 
-def _agreement(ours_out: dict, obp_out: dict) -> None:
-    worst = max(
+def _ours(logs: Path, rows_per_partition: int, cap: int | None) -> tuple[int, float, str]:
+    """Our evaluation of a log in a child: (exit code, peak RSS MiB, its JSON line)."""
+    args = ["ours", "--logs", str(logs), "--rows-per-partition", str(rows_per_partition)]
+    return run_child(args, Path(sys.executable), cap)
+
+
+def _obp(logs: Path, arrays: Path, cap: int | None) -> tuple[int, float, float]:
+    """Export our inputs, run obp on them in its venv: (exit, peak RSS MiB, worst rel. diff)."""
+    shutil.rmtree(arrays, ignore_errors=True)
+    _, _, ours_out = run_child(
+        ["ours", "--logs", str(logs), "--export", str(arrays)], Path(sys.executable), None
+    )
+    code, rss, obp_out = run_child(
+        ["obp", "--arrays", str(arrays), "--logs", str(logs)], OBP_PYTHON, cap
+    )
+    shutil.rmtree(arrays, ignore_errors=True)
+    worst = _agreement(json.loads(ours_out), json.loads(obp_out)) if code == 0 else float("nan")
+    return code, rss, worst
+
+
+def _agreement(ours_out: dict, obp_out: dict) -> float:
+    """Largest relative difference between our and obp's IPS, SNIPS and DR."""
+    return max(
         abs(ours_out[c][e] - obp_out[c][e]) / abs(obp_out[c][e])
         for c in CANDIDATES
         for e in ("ips", "snips", "dr")
     )
-    print(f"  ours vs obp on the same inputs: largest relative difference {worst:.1e}", flush=True)
 
 
 def _summary(rows: list, largest: int) -> None:
     print("\nwho   decisions   log in memory (GiB)   peak RSS (MiB)")
-    for who, n, arrow, rss, code, _ in rows:
+    for who, n, arrow, rss, code in rows:
         print(
             f"{who:<5} {n:>11,} {arrow / 2**30:>21.2f} {rss:>16,.0f}{'' if code == 0 else ' FAIL'}"
         )
-    obp_rows = [(n, rss) for who, n, _, rss, code, _ in rows if who == "obp" and code == 0]
+    obp_rows = [(n, rss) for who, n, _, rss, code in rows if who == "obp" and code == 0]
     if len(obp_rows) >= 2:
         n, rss = np.array(obp_rows, dtype=float).T
         slope, intercept = np.polyfit(n, rss, 1)

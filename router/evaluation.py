@@ -7,8 +7,9 @@ rows_per_partition⌉ temporary Parquet partitions by a hash of `decision_id`, o
 same hash; each partition then holds whole decisions with all their outcomes and is joined with
 `router.decision_log.finalized_view` on its own. Memory bound: one partition (≈
 rows_per_partition decisions, their outcomes and the joined view; roughly 1-2 kB per decision)
-plus one chunk of flattened eligible sets; the reward model's per-key sums and the accumulators
-are O(carriers × contexts) and O(1). Disk: one temporary copy of the logs when P > 1.
+plus one chunk of flattened eligible sets, or while splitting, one source row group and the
+split buffer; the reward model's per-key sums and prediction cache are O(carriers × contexts),
+the accumulators O(1). Disk: one temporary copy of the logs when P > 1.
 
 Pass 1 adds each decision's reward to the reward model's per-fold, per-key sums and fits one
 ridge model per cross-fitting fold (`bandit.reward_model`); pass 2 predicts q̂ for every
