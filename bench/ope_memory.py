@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -260,8 +261,14 @@ def obp(arrays: Path, logs: Path | None) -> None:
 # ---- orchestration ---------------------------------------------------------------------------
 
 
-def run_child(args: list[str], python: Path, cap_bytes: int | None) -> tuple[int, float, str]:
-    """Run this script as a child; returns (exit code, its peak RSS in MiB, last stdout line)."""
+def run_child(
+    args: list[str], python: Path, cap_bytes: int | None, timeout_s: float = 3600.0
+) -> tuple[int, float, str]:
+    """Run this script as a child; returns (exit code, its peak RSS in MiB, last stdout line).
+
+    A child still running after `timeout_s` is killed (seen: obp under an address-space cap
+    hangs instead of failing); its exit code is then −9.
+    """
 
     def limit() -> None:
         if cap_bytes is not None:
@@ -272,7 +279,10 @@ def run_child(args: list[str], python: Path, cap_bytes: int | None) -> tuple[int
         proc = subprocess.Popen(
             [str(python), __file__, *args], stdout=out, stderr=err, preexec_fn=limit, env=env
         )
+        killer = threading.Timer(timeout_s, proc.kill)
+        killer.start()
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (peak RSS in KiB)
+        killer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -359,9 +369,8 @@ def _obp(logs: Path, arrays: Path, cap: int | None) -> tuple[int, float, float]:
     _, _, ours_out = run_child(
         ["ours", "--logs", str(logs), "--export", str(arrays)], Path(sys.executable), None
     )
-    code, rss, obp_out = run_child(
-        ["obp", "--arrays", str(arrays), "--logs", str(logs)], OBP_PYTHON, cap
-    )
+    obp_args = ["obp", "--arrays", str(arrays), "--logs", str(logs)]
+    code, rss, obp_out = run_child(obp_args, OBP_PYTHON, cap, 600.0 if cap else 3600.0)
     shutil.rmtree(arrays, ignore_errors=True)
     worst = _agreement(json.loads(ours_out), json.loads(obp_out)) if code == 0 else float("nan")
     return code, rss, worst
