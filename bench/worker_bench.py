@@ -63,12 +63,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def uncapped_catalog(data: Path) -> Path:
+    """The example catalog without throughput caps (the bench measures the path, not the caps)."""
+    import yaml
+
+    from carriers.catalog import EXAMPLE_CATALOG
+
+    raw = yaml.safe_load(Path(EXAMPLE_CATALOG).read_text())
+    for carrier in (
+        raw["carriers"].values() if isinstance(raw["carriers"], dict) else raw["carriers"]
+    ):
+        carrier.pop("throughput_mps", None)
+    path = data / "catalog.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def start_router(data: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    catalog = str(uncapped_catalog(data))
     env = {**os.environ, "ROUTER_HMAC_KEY": "bench"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "serve", "--port", str(port), "--data-dir",
-         str(data), "--no-mlflow", "--log-level", "warning"],
+         str(data), "--no-mlflow", "--log-level", "warning", "--catalog", catalog],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
