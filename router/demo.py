@@ -39,7 +39,7 @@ from carriers.smpp_client import SmppCarrier
 from carriers.smsc import SimulatedSMSC
 from carriers.smsc_world import WorldBehaviour, world_behaviour
 from carriers.worker import SenderWorker, WorkerOptions
-from experiments.world import World, load_scenario
+from experiments.world import Message, World, load_scenario
 from router.client import RouterClient
 from router.config import load_config
 from router.decision_log import DECISION_SCHEMA, OUTCOME_SCHEMA, finalized_view, read_stream
@@ -233,7 +233,6 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, obj
     console.print(f"[bold]router[/] serving at {server.url} (docs: {server.url}/docs)")
     smscs, behaviours = _start_smscs(world, clock, handsets, opts)
     jobs = InProcessQueue()
-    reporting = RouterClient(server.url)
     workers = _start_workers(server.url, smscs, jobs, ledger, clock, handsets, opts, served.classes)
     console.print(
         f"scenario [bold]{world.spec.name}[/]: {len(messages):,} messages over "
@@ -247,7 +246,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, obj
     )
     started = time.monotonic()
     try:
-        _play(messages, jobs, workers, handsets, reporting, clock, world, end, console)
+        _play(messages, jobs, workers, handsets, clock, world, end, console)
     finally:
         for w in workers:
             w.stop()
@@ -256,7 +255,6 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, obj
                 link.close(timeout=5)
         for smsc in smscs.values():
             smsc.stop()
-        reporting.close()
         server.stop()
     elapsed = time.monotonic() - started
     truth = _truth(behaviours, ledger, served)
@@ -342,11 +340,10 @@ def _start_workers(
 
 
 def _play(
-    messages: list,
+    messages: list[Message],
     jobs: InProcessQueue,
     workers: list[SenderWorker],
     handsets: Handsets,
-    reporting: RouterClient,
     clock: SimClock,
     world: World,
     end: float,
@@ -395,7 +392,6 @@ def _play(
             if drained and now > max(end, messages[-1].at if messages else end) + tail:
                 break
             time.sleep(0.05)
-    del reporting  # conversions go through a worker's reporter (batched, retried)
 
 
 def _truth(
