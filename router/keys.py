@@ -127,6 +127,10 @@ class KeySet:
 EMPTY = KeySet({}, {})
 
 
+# Letters only: a key id must never look like a phone number, which redaction would hide.
+KEY_ID_LETTERS = "abcdefghijkmnpqrstuvwxyz"
+
+
 def hash_key(raw: str) -> str:
     """The stored hash of a raw key."""
     return hashlib.sha256(raw.encode()).hexdigest()
@@ -141,7 +145,7 @@ def new_key(
         raise KeyStoreError(f"scopes must be among {', '.join(SCOPES)} (got {', '.join(scopes)})")
     if "admin" in scopes and tenant is not None:
         raise KeyStoreError("admin is an operator scope: create admin keys without --tenant")
-    key_id = secrets.token_hex(6)
+    key_id = "".join(secrets.choice(KEY_ID_LETTERS) for _ in range(12))
     raw = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     created = datetime.now(UTC).isoformat(timespec="seconds")
     record = ApiKey(

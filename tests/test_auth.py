@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
+from router.keys import new_key
+from router.redact import redact
 from tests.conftest import T0, LiveServer, start_server
 
 pytestmark = pytest.mark.usefixtures("without_redis_env")
@@ -108,6 +110,13 @@ def test_keys_are_stored_only_as_hashes(keys: Keys) -> None:
         assert keys.records[role]["id"] in text
     assert all("key" not in k and "key_hash" not in k for k in listing["keys"])
     assert (keys.data_dir / "api_keys.json").stat().st_mode & 0o077 == 0
+
+
+def test_key_ids_survive_redaction_so_errors_can_name_them() -> None:
+    # A hex id had a 7-digit run about one time in five, and errors then hid the key's name.
+    ids = [new_key("t", ("route",))[1].id for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(redact(f"key {i}") == f"key {i}" for i in ids)
 
 
 def test_admin_scope_is_for_operators_only(keys: Keys) -> None:
