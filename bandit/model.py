@@ -36,6 +36,7 @@ class Observation:
     success: bool
     at: float
     latency_s: float | None = None
+    quick: bool = False  # a failure answered inside the SLA, which senders retry elsewhere
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ModelConfig:
     pool_strength: float = 20.0
     truth_prior_mean: float = 0.8
     truth_prior_strength: float = 4.0
+    truth_doubt_sd: float = 2.0
     default_latency_s: float = 10.0
     cusum_drop_ratio: float = 0.5
     cusum_rise_ratio: float = 0.5
@@ -56,6 +58,8 @@ class ModelConfig:
     cusum_min_change: float = 0.2
     cusum_min_trials: float = 20.0
     reset_keep_trials: float = 3.0
+    quick_prior_mean: float = 0.5
+    quick_prior_strength: float = 4.0
     probe_share: float = 0.05
     probe_half_life_seconds: float = 1800.0
 
@@ -64,7 +68,11 @@ class ModelConfig:
             raise ValueError("half_life_seconds must be > 0")
         if not 1 <= self.band_hours <= 24 or 24 % self.band_hours:
             raise ValueError("band_hours must divide 24")
-        if not 0 < self.prior_success < 1 or not 0 < self.truth_prior_mean <= 1:
+        if not (
+            0 < self.prior_success < 1
+            and 0 < self.quick_prior_mean < 1
+            and 0 < self.truth_prior_mean <= 1
+        ):
             raise ValueError("prior means must be in (0, 1)")
         if not 0 < self.cusum_drop_ratio < 1 or not 0 < self.cusum_rise_ratio < 1:
             raise ValueError("cusum_drop_ratio and cusum_rise_ratio must be in (0, 1)")
@@ -96,6 +104,7 @@ class CarrierModel:
     counts_: dict[Key, list[float]] = field(default_factory=dict)
     pending_: dict[Key, float] = field(default_factory=lambda: defaultdict(float))
     truth_: dict[Key, list[float]] = field(default_factory=dict)
+    quick_: dict[Key, list[float]] = field(default_factory=dict)
     cusum_: dict[Key, list[float]] = field(default_factory=dict)
     children_: dict[Key, set[Key]] = field(default_factory=lambda: defaultdict(set))
     alarms_: list[dict[str, Any]] = field(default_factory=list)
@@ -122,13 +131,16 @@ class CarrierModel:
     def estimate(self, carrier: str, key: RouteKey, now: float) -> ArmEstimate:
         """Pooled Beta posterior, receipt truthfulness and mean latency for one carrier."""
         cfg = self.config
-        levels = []
-        for k in self._levels(carrier, key):
-            s, n = Decayed.read(self.counts_.get(k), now, cfg.half_life_seconds)
-            levels.append((s, n, self.pending_.get(k, 0.0)))
-        alpha, beta = pooled_beta(levels, cfg.prior_success, cfg.prior_strength, cfg.pool_strength)
+        alpha, beta = self._success(carrier, key, now)
+        a, b = self._rates(
+            self.truth_, [carrier], key.country, now, cfg.truth_prior_mean, cfg.truth_prior_strength
+        )
+        latency = self._latency(carrier, key.country)
         return ArmEstimate(
-            alpha, beta, self._truth(carrier, key.country, now), self._latency(carrier, key.country)
+            alpha,
+            beta,
+            float(a[0] / (a[0] + b[0])),
+            cfg.default_latency_s if latency is None else latency,
         )
 
     def estimates(
@@ -138,33 +150,81 @@ class CarrierModel:
 
         The truth ratio is a carrier's P(conversion | DELIVRD) relative to the most truthful
         carrier in the set: 1 for honest receipts, near 0 for a grey route that fakes them.
+        It is taken with `truth_doubt_sd` posterior sds in the carrier's favour (its upper bound
+        against the best lower bound), so receipts are discounted only where conversions show
+        it clearly and the noise between honest carriers does not steer traffic.
+        A carrier without evidence of its own is taken to be as truthful and as fast as the
+        others in the set, so a new carrier is not held back before its first conversions.
         """
-        ests = [self.estimate(c, key, now) for c in carriers]
-        alpha = np.fromiter((e.alpha for e in ests), float, len(ests))
-        beta = np.fromiter((e.beta for e in ests), float, len(ests))
-        truth = np.fromiter((e.truth for e in ests), float, len(ests))
-        latency = np.fromiter((e.latency_s for e in ests), float, len(ests))
-        ref = truth.max() if len(truth) else 1.0
-        ratio = np.minimum(1.0, truth / ref) if ref > 0 else np.ones_like(truth)
+        cfg = self.config
+        posteriors = [self._success(c, key, now) for c in carriers]
+        alpha = np.fromiter((a for a, _ in posteriors), float, len(carriers))
+        beta = np.fromiter((b for _, b in posteriors), float, len(carriers))
+        a, b = self._rates(
+            self.truth_, carriers, key.country, now, cfg.truth_prior_mean, cfg.truth_prior_strength
+        )
+        seen = [self._latency(c, key.country) for c in carriers]
+        known = [x for x in seen if x is not None]
+        usual = sum(known) / len(known) if known else cfg.default_latency_s
+        latency = np.fromiter((usual if x is None else x for x in seen), float, len(carriers))
+        truth = a / (a + b)
+        doubt = cfg.truth_doubt_sd * np.sqrt(truth * (1.0 - truth) / (a + b + 1.0))
+        ref = (truth - doubt).max() if len(truth) else 1.0
+        ratio = np.minimum(1.0, (truth + doubt) / ref) if ref > 0 else np.ones_like(truth)
         return alpha, beta, ratio, latency
 
-    def _truth(self, carrier: str, country: str, now: float) -> float:
+    def quick_shares(self, carriers: Sequence[str], country: str, now: float) -> np.ndarray:
+        """Per carrier, the share of its failures answered inside the SLA (a rejection or an
+        UNDELIV receipt rather than silence): the chance a failure still leaves time to retry."""
         cfg = self.config
-        levels = []
-        for k in ((carrier,), (carrier, country)):
-            s, n = Decayed.read(self.truth_.get(k), now, cfg.half_life_seconds)
-            levels.append((s, n, 0.0))
-        a, b = pooled_beta(
-            levels, cfg.truth_prior_mean, cfg.truth_prior_strength, cfg.truth_prior_strength * 5
+        a, b = self._rates(
+            self.quick_, carriers, country, now, cfg.quick_prior_mean, cfg.quick_prior_strength
         )
         return a / (a + b)
 
-    def _latency(self, carrier: str, country: str) -> float:
+    def _success(self, carrier: str, key: RouteKey, now: float) -> tuple[float, float]:
+        cfg = self.config
+        levels = []
+        for k in self._levels(carrier, key):
+            s, n = Decayed.read(self.counts_.get(k), now, cfg.half_life_seconds)
+            levels.append((s, n, self.pending_.get(k, 0.0)))
+        return pooled_beta(levels, cfg.prior_success, cfg.prior_strength, cfg.pool_strength)
+
+    def _rates(
+        self,
+        evidence: dict[Key, list[float]],
+        carriers: Sequence[str],
+        country: str,
+        now: float,
+        prior_mean: float,
+        prior_strength: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Beta posterior (α, β) of a per-carrier rate, pooled from the carrier to the country.
+
+        Each carrier's prior is the other carriers' pooled rate (shrunk to `prior_mean`), so a
+        carrier with no evidence starts where its peers are, not at a fixed guess.
+        """
+        half_life = self.config.half_life_seconds
+        levels = [
+            [(*Decayed.read(evidence.get(k), now, half_life), 0.0) for k in ((c,), (c, country))]
+            for c in carriers
+        ]
+        total_s = sum(lv[0][0] for lv in levels)
+        total_n = sum(lv[0][1] for lv in levels)
+        out = np.empty((2, len(carriers)))
+        for i, lv in enumerate(levels):
+            s, n, _ = lv[0]
+            mean = (total_s - s + prior_mean * prior_strength) / (total_n - n + prior_strength)
+            out[:, i] = pooled_beta(lv, mean, prior_strength, prior_strength * 5)
+        return out[0], out[1]
+
+    def _latency(self, carrier: str, country: str) -> float | None:
+        """Mean latency of the carrier's successes (into the country when known), or None."""
         for k in ((carrier, country), (carrier,)):
             c = self.counts_.get(k)
             if c is not None and c[3] > 0.5:
                 return c[2] / c[3]
-        return self.config.default_latency_s
+        return None
 
     # ---- learning ------------------------------------------------------------------------
 
@@ -179,6 +239,8 @@ class CarrierModel:
                 if i >= 2:
                     self.children_[levels[1]].add(k)
             Decayed.add(c, obs.at, cfg.half_life_seconds, float(obs.success), obs.latency_s)
+        if not obs.success:
+            self._add_rate(self.quick_, obs.carrier, obs.key.country, obs.quick, obs.at)
         self.updates_ += 1
 
     def check_change(self, obs: Observation, decided_at: float) -> bool:
@@ -283,11 +345,16 @@ class CarrierModel:
 
     def update_truth(self, carrier: str, country: str, converted: bool, at: float) -> None:
         """A DELIVRD receipt of a conversion-reporting tenant: did the code reach the user?"""
+        self._add_rate(self.truth_, carrier, country, converted, at)
+
+    def _add_rate(
+        self, evidence: dict[Key, list[float]], carrier: str, country: str, hit: bool, at: float
+    ) -> None:
         for k in ((carrier,), (carrier, country)):
-            c = self.truth_.get(k)
+            c = evidence.get(k)
             if c is None:
-                c = self.truth_[k] = Decayed.new(at)
-            Decayed.add(c, at, self.config.half_life_seconds, float(converted), None)
+                c = evidence[k] = Decayed.new(at)
+            Decayed.add(c, at, self.config.half_life_seconds, float(hit), None)
 
     # ---- persistence ---------------------------------------------------------------------
 
@@ -298,6 +365,7 @@ class CarrierModel:
             "counts": [[list(k), v] for k, v in self.counts_.items()],
             "pending": [[list(k), v] for k, v in self.pending_.items()],
             "truth": [[list(k), v] for k, v in self.truth_.items()],
+            "quick": [[list(k), v] for k, v in self.quick_.items()],
             "cusum": [[list(k), v] for k, v in self.cusum_.items()],
             "alarms": self.alarms_,
             "tripped": [[list(k), v] for k, v in self.tripped_.items()],
@@ -311,6 +379,7 @@ class CarrierModel:
         model.counts_ = {tuple(k): list(v) for k, v in state["counts"]}
         model.pending_ = defaultdict(float, {tuple(k): v for k, v in state["pending"]})
         model.truth_ = {tuple(k): list(v) for k, v in state["truth"]}
+        model.quick_ = {tuple(k): list(v) for k, v in state.get("quick", [])}
         model.cusum_ = {tuple(k): list(v) for k, v in state["cusum"]}
         model.alarms_ = list(state.get("alarms", []))
         model.tripped_ = {tuple(k): list(v) for k, v in state.get("tripped", [])}

@@ -43,6 +43,7 @@ class DecisionContext:
     message_class: MessageClass
     segments: int
     at: float
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,25 @@ def expected_utility(
     cost = price * np.where(on_delivery, p, 1.0)
     penalty = mc.latency_penalty_per_second * np.minimum(latency_s, mc.sla_seconds) * p
     return mc.value * p * ratio - cost - penalty
+
+
+def best_other(utility: np.ndarray) -> np.ndarray:
+    """For each arm, the best utility among the *other* arms (along the last axis)."""
+    if utility.shape[-1] < 2:
+        return np.zeros_like(utility)
+    top = np.partition(utility, -2, axis=-1)
+    first, second = top[..., -1:], top[..., -2:-1]
+    return np.where(utility >= first, second, first)
+
+
+def with_retry(utility: np.ndarray, p_retry: np.ndarray) -> np.ndarray:
+    """Utility of a first attempt counting the retry a sender makes after a failure answered
+    inside the SLA: u(a) + P(retry | a) · max over the other arms b of u(b).
+
+    A carrier that fails fast and loudly leaves time for a fallback that still succeeds; one
+    that fails silently wastes the whole SLA. `p_retry` broadcasts against `utility`.
+    """
+    return utility + p_retry * best_other(utility)
 
 
 def arm_prices(arms: Sequence[Arm], segments: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,9 +166,13 @@ class Policy(ABC):
         seed: int | None = None,
         exploration_floor: float = 0.0,
         cache_seconds: float = 1.0,
+        retries: int = 0,
     ) -> None:
         if not 0.0 <= exploration_floor < 1.0:
             raise ValueError("exploration_floor must be in [0, 1)")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self.retries = retries
         self.model = model
         self.seed = seed
         self.exploration_floor = exploration_floor
@@ -162,7 +186,7 @@ class Policy(ABC):
             raise ValueError("no arms to choose from")
         if self.cache_seconds <= 0:
             return self._distribution(ctx, arms)
-        key = (ctx.key, ctx.message_class.name, ctx.segments, tuple(arms))
+        key = (ctx.key, ctx.message_class.name, ctx.segments, ctx.attempt, tuple(arms))
         hit = self._cache.get(key)
         if hit is not None and 0.0 <= ctx.at - hit[0] < self.cache_seconds:
             return hit[1]
@@ -178,11 +202,15 @@ class Policy(ABC):
             [a.carrier for a in arms], ctx.key, ctx.at
         )
         price, on_delivery = arm_prices(arms, ctx.segments)
-        scores = expected_utility(
-            alpha / (alpha + beta), ratio, latency, price, on_delivery, ctx.message_class
-        )
+        mean = alpha / (alpha + beta)
+        scores = expected_utility(mean, ratio, latency, price, on_delivery, ctx.message_class)
+        if ctx.attempt <= self.retries and len(arms) > 1:
+            quick = self.model.quick_shares([a.carrier for a in arms], ctx.key.country, ctx.at)
+            scores = with_retry(scores, (1.0 - mean) * quick)
+        else:
+            quick = np.zeros(len(arms))
         probs = self._probabilities(
-            ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery
+            ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
         )
         if len(arms) > 1:
             if self.probes:
@@ -205,8 +233,10 @@ class Policy(ABC):
         latency: np.ndarray,
         price: np.ndarray,
         on_delivery: np.ndarray,
+        quick: np.ndarray,
     ) -> np.ndarray:
-        """π before the exploration floor."""
+        """π before the exploration floor; `quick` is each arm's share of failures answered
+        inside the SLA when this attempt may still be retried, else zeros."""
 
     def params(self) -> dict[str, Any]:
         """The policy's parameters, as given to `__init__` (for MLflow and versions)."""
@@ -231,7 +261,11 @@ def _one_hot(k: int, i: int) -> np.ndarray:
 
 
 class ThompsonSampling(Policy):
-    """Thompson sampling on utility; π is the share of posterior draws each carrier wins."""
+    """Thompson sampling on utility; π is the share of posterior draws each carrier wins.
+
+    A first attempt's utility counts the retry senders make after a failure answered inside
+    the SLA (`retries`: how many attempts may still be retried; 0 for senders that never retry).
+    """
 
     name = "thompson"
     probes = True
@@ -240,21 +274,26 @@ class ThompsonSampling(Policy):
         self,
         model: CarrierModel,
         seed: int | None = None,
-        exploration_floor: float = 0.02,
+        exploration_floor: float = 0.005,
         n_samples: int = 128,
         cache_seconds: float = 1.0,
+        retries: int = 1,
     ) -> None:
-        super().__init__(model, seed, exploration_floor, cache_seconds)
+        super().__init__(model, seed, exploration_floor, cache_seconds, retries)
         if n_samples < 1:
             raise ValueError("n_samples must be >= 1")
         self.n_samples = n_samples
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         k = len(arms)
         if k == 1:
             return np.ones(1)
         p = sample_beta(alpha, beta, self.n_samples, self.rng)
         utility = expected_utility(p, ratio, latency, price, on_delivery, ctx.message_class)
+        if quick.any():
+            utility = with_retry(utility, (1.0 - p) * quick)
         wins = np.bincount(utility.argmax(axis=1), minlength=k)
         return wins / self.n_samples
 
@@ -271,7 +310,7 @@ class CostSubsidy(Policy):
         self,
         model: CarrierModel,
         seed: int | None = None,
-        exploration_floor: float = 0.02,
+        exploration_floor: float = 0.005,
         subsidy: float = 0.05,
         n_samples: int = 128,
         cache_seconds: float = 1.0,
@@ -284,7 +323,9 @@ class CostSubsidy(Policy):
         self.subsidy = subsidy
         self.n_samples = n_samples
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         if len(arms) == 1:
             return np.ones(1)
         p = sample_beta(alpha, beta, self.n_samples, self.rng)
@@ -306,13 +347,16 @@ class EpsilonGreedy(Policy):
         exploration_floor: float = 0.0,
         epsilon: float = 0.1,
         cache_seconds: float = 1.0,
+        retries: int = 1,
     ) -> None:
-        super().__init__(model, seed, exploration_floor, cache_seconds)
+        super().__init__(model, seed, exploration_floor, cache_seconds, retries)
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError("epsilon must be in [0, 1]")
         self.epsilon = epsilon
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         k = len(arms)
         return (1 - self.epsilon) * _one_hot(k, int(np.argmax(scores))) + self.epsilon / k
 
@@ -322,7 +366,9 @@ class StaticPriority(Policy):
 
     name = "static"
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         best = min(range(len(arms)), key=lambda i: (arms[i].priority, i))
         return _one_hot(len(arms), best)
 
@@ -332,7 +378,9 @@ class Cheapest(Policy):
 
     name = "cheapest"
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         best = min(range(len(arms)), key=lambda i: (arms[i].unit_price, arms[i].priority, i))
         return _one_hot(len(arms), best)
 
@@ -342,7 +390,9 @@ class Uniform(Policy):
 
     name = "uniform"
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         return np.full(len(arms), 1.0 / len(arms))
 
 
@@ -360,7 +410,9 @@ class RoundRobin(Policy):
         super().__init__(model, seed, exploration_floor, cache_seconds=0.0)
         self._turn: dict[tuple[Any, ...], int] = {}
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         key = (ctx.key.country, ctx.key.operator, tuple(a.carrier for a in arms))
         turn = self._turn.get(key, 0)
         self._turn[key] = turn + 1

@@ -277,7 +277,7 @@ def markdown(result: CostSubsidyResult) -> list[str]:
         f"Horizon T = {spec.horizon}, {spec.seeds} seeds; cumulative regret at T, mean ± sd "
         "over seeds. Cost regret is Σ max(c(pulled) − c(target), 0), quality regret "
         "Σ max((1−α)μ* − μ(pulled), 0); the target is the cheapest arm with μ ≥ (1−α)μ*. "
-        f"`{ENGINE}` is the engine's policy with its serving defaults (2% exploration floor); "
+        f"`{ENGINE}` is the engine's policy with its serving defaults (0.5% exploration floor); "
         f"`{ENGINE_NO_FLOOR}` the same without the floor.",
     ]
     for ispec in spec.instances:

@@ -1,9 +1,10 @@
 """The oracle: a policy that knows the simulated world's true parameters at every event time.
 
 It picks the eligible carrier with the best true expected utility (value·P(delivered within the
-SLA) − expected cost − expected latency penalty) and runs through the engine's own decision path,
-so its decisions and propensities are logged like any other policy's. Its utility is the
-benchmark regret is measured against.
+SLA) − expected cost − expected latency penalty, plus for a first attempt the retry on the best
+other carrier after a failure answered inside the SLA) and runs through the engine's own
+decision path, so its decisions and propensities are logged like any other policy's. Its
+utility is the benchmark regret is measured against.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import numpy as np
 from bandit.model import CarrierModel
 from bandit.policies import Arm, DecisionContext, Policy
 from bandit.reward import MessageClass
-from experiments.world import RouteSpec, World
+from experiments.play import RETRY_AFTER_S
+from experiments.world import (
+    REJECT_AFTER_S,
+    UNDELIV_DELAY_S,
+    UNDELIV_SHARE,
+    RouteSpec,
+    World,
+)
 from router.engine import RoutingEngine
 
 NIGHT_END_HOUR = 6  # the world's night drop applies before 06:00 local time
@@ -40,21 +48,49 @@ def expected_capped_latency(cap: float, median: float, sigma: float) -> float:
 
 
 def true_utility(
-    route: RouteSpec, price: float, billing_on_delivery: bool, mc: MessageClass, night: bool
+    route: RouteSpec,
+    price: float,
+    billing_on_delivery: bool,
+    mc: MessageClass,
+    night: bool,
+    waited: float = 0.0,
 ) -> float:
-    """Expected true utility of one message part on a route with these true parameters."""
+    """Expected true utility of one message part on a route with these true parameters.
+
+    `waited` is the time since the message's first send: a retry has that much less of its
+    SLA left, and its latency, as the user sees it, starts that much later.
+    """
     accepted = 1 - route.submit_reject
     deliver = route.deliver * ((1 - route.night_drop) if night else 1.0)
     receipt = deliver * (1 - route.no_dlr) + (1 - deliver) * route.fake_dlr
     billed = accepted * (receipt if billing_on_delivery else 1.0)
-    p_sla = lognormal_cdf(mc.sla_seconds, route.latency_median_s, route.latency_sigma)
-    latency = expected_capped_latency(mc.sla_seconds, route.latency_median_s, route.latency_sigma)
+    left = mc.sla_seconds - waited
+    median, sigma = route.latency_median_s, route.latency_sigma
+    p_sla = lognormal_cdf(left, median, sigma) if left > 0 else 0.0
+    latency = waited + expected_capped_latency(left, median, sigma) if left > 0 else mc.sla_seconds
     delivered = accepted * deliver
     return (
         mc.value * delivered * p_sla
         - price * billed
         - mc.latency_penalty_per_second * latency * delivered
     )
+
+
+def retry_waits(
+    route: RouteSpec, mc: MessageClass, night: bool, points: int = 4
+) -> list[tuple[float, float]]:
+    """(probability, time since the first send when the retry goes out) for each way a message
+    on this route fails with an answer inside the SLA: a rejected submit, or an UNDELIV receipt
+    (its uniform delay taken at `points` midpoints)."""
+    out = [(route.submit_reject, REJECT_AFTER_S + RETRY_AFTER_S)]
+    lo, hi = UNDELIV_DELAY_S
+    top = min(hi, mc.sla_seconds)
+    if top > lo:
+        deliver = route.deliver * ((1 - route.night_drop) if night else 1.0)
+        undeliv = (1 - deliver) * (1 - route.fake_dlr) * (1 - route.no_dlr) * UNDELIV_SHARE
+        p = (1 - route.submit_reject) * undeliv * (top - lo) / (hi - lo) / points
+        out += [(p, lo + (top - lo) * (k + 0.5) / points + RETRY_AFTER_S) for k in range(points)]
+    return out
 
 
 class Oracle(Policy):
@@ -75,23 +111,36 @@ class Oracle(Policy):
         return {"scenario": self.world.spec.name, "cache_seconds": self.cache_seconds}
 
     def utilities(self, ctx: DecisionContext, arms: Sequence[Arm]) -> np.ndarray:
-        """True expected utility of each arm for this message."""
+        """True expected utility of each arm for this message, counting for a first attempt
+        the retry on the best other arm after a failure answered inside the SLA."""
         key = ctx.key
         night = (key.band + 1) * self.model.config.band_hours <= NIGHT_END_HOUR
-        return np.array(
-            [
-                true_utility(
-                    self.world.route(a.carrier, key.country, ctx.at),
-                    self.world.price(a.carrier, key.country, key.operator, ctx.at) * ctx.segments,
-                    a.billing_on_delivery,
-                    ctx.message_class,
-                    night,
-                )
-                for a in arms
-            ]
-        )
+        mc = ctx.message_class
+        routes = [self.world.route(a.carrier, key.country, ctx.at) for a in arms]
+        prices = [
+            self.world.price(a.carrier, key.country, key.operator, ctx.at) * ctx.segments
+            for a in arms
+        ]
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+        def utility(i: int, waited: float = 0.0) -> float:
+            return true_utility(
+                routes[i], prices[i], arms[i].billing_on_delivery, mc, night, waited
+            )
+
+        base = np.array([utility(i) for i in range(len(arms))])
+        if ctx.attempt > 1 or not self.world.spec.traffic.retry or len(arms) < 2:
+            return base
+        out = base.copy()
+        for i, route in enumerate(routes):
+            fallback = max((j for j in range(len(arms)) if j != i), key=lambda j: base[j])
+            out[i] += sum(
+                p * utility(fallback, waited) for p, waited in retry_waits(route, mc, night) if p
+            )
+        return out
+
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         return np.eye(len(arms))[int(np.argmax(self.utilities(ctx, arms)))]
 
 

@@ -126,7 +126,9 @@ class MabwiserThompson(_PerDestination):
                 mab.add_arm(a.carrier)
         return mab
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         if len(arms) == 1:
             return np.ones(1)
         mab = self._bandit(ctx, arms)
@@ -179,7 +181,9 @@ class PybanditsCostControl(_PerDestination):
                 mab.actions[a.carrier].cost = a.unit_price
         return mab
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         if len(arms) == 1:
             return np.ones(1)
         mab = self._bandit(ctx, arms)
@@ -230,7 +234,9 @@ class VowpalWabbitAdf(PeerPolicy):
             f"|A carrier={_tok(a.carrier)} price:{p:.6f}" for a, p in zip(arms, prices, strict=True)
         ]
 
-    def _probabilities(self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery):
+    def _probabilities(
+        self, ctx, arms, scores, alpha, beta, ratio, latency, price, on_delivery, quick
+    ):
         if len(arms) == 1:
             return np.ones(1)
         pmf = np.asarray(self._vw.predict(self._lines(ctx, arms)), float)

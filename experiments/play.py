@@ -3,7 +3,8 @@
 The router is anything with the engine's `route_batch` and `record_outcomes` (the engine itself
 or `router.client.RouterClient`). The world answers each send with receipts and conversions at
 the times they would arrive; a failure inside the SLA is retried once on another carrier with
-`exclude`, as a sender worker would. Outcomes are drawn from random numbers keyed by
+`exclude`, as a sender worker would; a retry succeeds only if it arrives within the SLA of the
+message's first send. Outcomes are drawn from random numbers keyed by
 (message, attempt, carrier), so different policies face the same traffic and the same luck.
 """
 
@@ -24,6 +25,7 @@ from router.engine import OutcomeEvent, RouteDecision, RouteRequest, RoutingEngi
 from router.errors import RoutingError
 
 RETRY_STATUSES = frozenset({"UNDELIV", "REJECTD", "REJECTED"})
+RETRY_AFTER_S = 0.5  # a sender retries this long after the failure's answer
 
 
 class Router(Protocol):
@@ -147,6 +149,8 @@ class TrafficDriver:
             events, truth = self.world.send(answer.carrier, msg, answer.context["local_hour"], rng)
             self._sent[answer.decision_id] = (s, answer.carrier)
             sla = self.classes[s.msg.message_class].sla_seconds
+            # As the user sees it: a retry's latency counts from the message's first send.
+            latency = None if truth.latency_s is None else at - s.msg.at + truth.latency_s
             self.rows.append(
                 {
                     **row,
@@ -155,9 +159,9 @@ class TrafficDriver:
                     "propensity": answer.propensity,
                     "error": None,
                     "delivered": truth.delivered,
-                    "latency_s": truth.latency_s,
+                    "latency_s": latency,
                     "converted": truth.converted,
-                    "success": truth.delivered and (truth.latency_s or 0.0) <= sla,
+                    "success": truth.delivered and (latency or 0.0) <= sla,
                     "operator": operator,
                     "cost": self.world.cost(answer.carrier, msg, operator, events),
                     "receipt": next((e.status for e in events if e.event == "dlr"), None),
@@ -180,7 +184,8 @@ class TrafficDriver:
                 and ev.status in RETRY_STATUSES
                 and ev.at - s.msg.at < sla
             ):
-                self._push(ev.at + 0.5, "msg", _Send(s.index, s.msg, 2, did, (carrier,)))
+                retry = _Send(s.index, s.msg, 2, did, (carrier,))
+                self._push(ev.at + RETRY_AFTER_S, "msg", retry)
 
     def frame(self) -> pd.DataFrame:
         """One row per routing attempt with its ground truth."""

@@ -24,6 +24,10 @@ from carriers.catalog import Carrier, Catalog, Coverage
 from features import to_epoch
 
 SCENARIOS = Path(__file__).parent / "scenarios"
+REJECT_AFTER_S = 0.05  # a rejected submit is answered at once
+# A lost message's receipt (when it has one): UNDELIV within seconds, else EXPIRED after hours.
+UNDELIV_SHARE = 0.75
+UNDELIV_DELAY_S = (5.0, 30.0)
 
 
 class ScenarioError(ValueError):
@@ -274,7 +278,7 @@ class World:
         r = self.route(carrier, msg.country, msg.at)
         t = msg.at
         if rng.random() < r.submit_reject:
-            return [Outcome(t + 0.05, "submit", "REJECTED")], Truth(False, None, False)
+            return [Outcome(t + REJECT_AFTER_S, "submit", "REJECTED")], Truth(False, None, False)
         events = [Outcome(t + 0.05 + 0.2 * rng.random(), "submit", "ACCEPTED")]
         deliver = r.deliver * (1 - r.night_drop if local_hour < 6 else 1.0)
         latency = float(r.latency_median_s * math.exp(r.latency_sigma * rng.standard_normal()))
@@ -296,8 +300,9 @@ class World:
         elif rng.random() < r.fake_dlr:
             events.append(Outcome(t + latency, "dlr", "DELIVRD"))
         elif receipt:
-            if rng.random() < 0.75:
-                events.append(Outcome(t + 5 + 25 * rng.random(), "dlr", "UNDELIV"))
+            if rng.random() < UNDELIV_SHARE:
+                lo, hi = UNDELIV_DELAY_S
+                events.append(Outcome(t + lo + (hi - lo) * rng.random(), "dlr", "UNDELIV"))
             else:
                 events.append(Outcome(t + 3600 * (1 + 5 * rng.random()), "dlr", "EXPIRED"))
         return sorted(events, key=lambda e: e.at), Truth(

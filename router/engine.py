@@ -334,7 +334,8 @@ class RoutingEngine:
             )
             for c in carriers
         ]
-        dist = self.policy.distribution(DecisionContext(key, mc, req.segments, now), arms)
+        ctx = DecisionContext(key, mc, req.segments, now, req.attempt)
+        dist = self.policy.distribution(ctx, arms)
         idx = draw(dist, self.policy.rng)
         arm = arms[idx]
         self.eligibility.consume(carriers[idx], req.segments, now)
@@ -570,10 +571,13 @@ class RoutingEngine:
             latency = at - flight.at
             within = latency <= mc.sla_seconds
             self._learn(flight, within, at, latency if within else None)
-            if flight.conversion_tenant and flight.converted and not flight.truth_done:
-                self._truth(flight, True, at)
-            elif flight.conversion_tenant and at >= flight.at + mc.conversion_window_seconds:
-                self._truth(flight, False, at)
+            # Whether the code arrived is learned at one time for every message, converted or
+            # not: at the learner's deadline (a receipt after it: when the conversion window
+            # closes). Learning conversions as they come and misses only at a deadline would
+            # overrate a carrier whose traffic is growing and underrate one losing it.
+            late = at >= flight.at + mc.conversion_window_seconds
+            if flight.conversion_tenant and late and not flight.truth_done:
+                self._truth(flight, flight.converted, at)
             if cost is None and flight.billing_on_delivery:
                 cost = flight.unit_price * flight.segments
             self.stats.delivered += 1
@@ -584,8 +588,6 @@ class RoutingEngine:
     def _on_conversion(self, flight: InFlight, at: float) -> None:
         flight.converted = True
         self._learn(flight, True, at, None)
-        if flight.final_status == "DELIVRD" and not flight.truth_done:
-            self._truth(flight, True, at)
 
     def _learn(self, flight: InFlight, success: bool, at: float, latency: float | None) -> None:
         if flight.learner_done:
@@ -595,7 +597,10 @@ class RoutingEngine:
         if flight.pending_counted:
             self.model.add_pending(flight.carrier, flight.key, -1.0)
             flight.pending_counted = False
-        self.model.update(Observation(flight.carrier, flight.key, success, at, latency))
+        # A failure answered inside the SLA is one a sender can still retry elsewhere.
+        sla = self.config.message_classes[flight.message_class].sla_seconds
+        quick = not success and at - flight.at < sla
+        self.model.update(Observation(flight.carrier, flight.key, success, at, latency, quick))
         self.stats.learned += 1
         self.stats.learned_success += int(success)
         result = "success" if success else "failure"
@@ -623,6 +628,9 @@ class RoutingEngine:
                 self.model.add_pending(flight.carrier, flight.key, 1.0)
         elif kind == DEADLINE:
             self._learn(flight, False, due, None)
+            delivered = flight.final_status == "DELIVRD"
+            if delivered and flight.conversion_tenant and not flight.truth_done:
+                self._truth(flight, flight.converted, due)
             if not flight.change_checked:  # a restored decision has had its deadline already
                 self._check_change(flight, due)
                 self._track_late(flight, mc)

@@ -17,10 +17,12 @@ from bandit.policies import (
     Arm,
     DecisionContext,
     Distribution,
+    best_other,
     draw,
     draw_many,
     fallback_order,
     make_policy,
+    with_retry,
 )
 from bandit.reward import DEFAULT_CLASSES, MessageClass, classes_from_config
 from bandit.stats import Decayed, cusum_step, decay_factor, pooled_beta
@@ -184,14 +186,73 @@ def test_update_truth_calibrates_a_liar() -> None:
     alpha, _beta, ratio, latency = model.estimates(["honest", "liar", "unseen"], KEY, 0.0)
     honest = model.estimate("honest", KEY, 0.0).truth
     liar = model.estimate("liar", KEY, 0.0).truth
-    # Hand pooling (prior 0.8 x 4, pool 20): liar Beta(6, 36), honest ~ Beta(39.4, 0.6).
+    # Alone, from the configured prior (0.8 x 4, pool 20): liar Beta(6, 36), honest Beta(39.4, 0.6).
     assert liar == pytest.approx(6 / 42, rel=1e-12)
     assert honest > 0.98
+
+    # In a set, each carrier's prior is the others' rate: the liar's is (22 + 3.2) / 26, so
+    # carrier level Beta(5.877, 20.123), country level Beta(6.521, 35.479): mean 0.15526; the
+    # honest one's prior is (2 + 3.2) / 26 = 0.2, giving Beta(39.538, 2.462): mean 0.94139.
+    # The ratio takes two posterior sds in the carrier's favour: upper(liar) / lower(honest).
+    def sd(m: float) -> float:
+        return (m * (1 - m) / 43) ** 0.5
+
+    liar_in_set, honest_in_set = 6.52077 / 42, 39.53846 / 42
+    want = (liar_in_set + 2 * sd(liar_in_set)) / (honest_in_set - 2 * sd(honest_in_set))
     assert ratio[0] == 1.0
-    assert ratio[1] == pytest.approx(liar / honest, rel=1e-12)
-    assert ratio[1] < 0.15
-    assert ratio[2] == pytest.approx(0.8 / honest, rel=1e-12)  # an unseen carrier keeps the prior
+    assert ratio[1] == pytest.approx(want, rel=1e-5)
+    assert ratio[1] < 0.35
+    assert ratio[2] == 1.0  # an unseen carrier is taken to be as honest as its peers
     assert list(alpha) == [1.0, 1.0, 1.0] and list(latency) == [10.0, 10.0, 10.0]
+
+
+def test_quick_shares_learn_how_carriers_fail() -> None:
+    """Of each carrier's failures, the share answered inside the SLA (so a retry still helps):
+    only failures count, and an unseen carrier starts from its peers' share."""
+    model = CarrierModel()
+    for i in range(40):
+        model.update(Observation("loud", KEY, False, 0.0, quick=i % 4 != 0))  # 75% answered
+        model.update(Observation("silent", KEY, False, 0.0, quick=i % 10 == 0))  # 10%
+        model.update(Observation("loud", KEY, True, 0.0))  # successes do not count
+    loud, silent, unseen = model.quick_shares(["loud", "silent", "unseen"], "RU", 0.0)
+    # Pooled as the truth ratio is: the prior is the other carriers' rate (x 4), then pool 20.
+    prior = (4 + 0.5 * 4) / (40 + 4)
+    a1, b1 = prior * 4 + 30, (1 - prior) * 4 + 10
+    a2, b2 = a1 / (a1 + b1) * 20 + 30, b1 / (a1 + b1) * 20 + 10
+    assert loud == pytest.approx(a2 / (a2 + b2), rel=1e-12)
+    assert silent < 0.2 < 0.7 < loud
+    assert unseen == pytest.approx((34 + 2) / (80 + 4), rel=1e-12)
+
+
+def test_best_other_and_with_retry_hand_case() -> None:
+    u = np.array([[0.4, 0.3, 0.1], [0.2, 0.5, 0.5]])
+    assert best_other(u).tolist() == [[0.3, 0.4, 0.4], [0.5, 0.5, 0.5]]
+    assert best_other(np.array([0.7])).tolist() == [0.0]
+    # A cheap carrier that fails loudly 30% of the time, then the other one: 0.3 + 0.3 * 0.4.
+    assert with_retry(np.array([0.4, 0.3]), np.array([0.02, 0.3])) == pytest.approx(
+        [0.4 + 0.02 * 0.3, 0.3 + 0.3 * 0.4]
+    )
+
+
+def test_thompson_counts_the_retry_only_while_one_is_left() -> None:
+    """Two carriers as good on receipts: the one whose failures are answered quickly is worth
+    more on a first attempt (its failures can be retried in time), not on the retry itself."""
+    model = CarrierModel()
+    for i in range(400):
+        for c, quick in (("loud", True), ("silent", False)):
+            ok = i % 5 != 0
+            model.update(Observation(c, KEY, ok, 0.0, 4.0, quick=not ok and quick))
+    arms = [Arm("loud", 0.03), Arm("silent", 0.03)]
+    policy = make_policy("thompson", model, seed=1, exploration_floor=0.0)
+    first = policy.distribution(DecisionContext(KEY, _CLASS, 1, 0.0, attempt=1), arms)
+    retry = policy.distribution(DecisionContext(KEY, _CLASS, 1, 0.0, attempt=2), arms)
+    assert first.scores[0] > first.scores[1] + 0.02
+    assert first.probabilities[0] > 0.9
+    assert retry.scores[0] == pytest.approx(retry.scores[1])
+    never = make_policy("thompson", model, seed=1, retries=0)
+    assert never.distribution(DecisionContext(KEY, _CLASS, 1, 0.0), arms).scores[0] == (
+        pytest.approx(retry.scores[0])
+    )
 
 
 def test_check_change_alarms_quickly_after_a_collapse() -> None:
@@ -245,7 +306,9 @@ def test_state_dict_round_trip() -> None:
     for i in range(300):
         key = keys[i % 3]
         carrier = ("a", "b", "c")[int(rng.integers(3))]
-        obs = Observation(carrier, key, bool(rng.random() < 0.8), 10.0 * i, 3.0 + rng.random())
+        ok = bool(rng.random() < 0.8)
+        quick = not ok and bool(rng.random() < 0.6)
+        obs = Observation(carrier, key, ok, 10.0 * i, 3.0 + rng.random(), quick)
         model.update(obs)
         _feed(model, obs)
         model.update_truth(carrier, key.country, bool(rng.random() < 0.9), 10.0 * i)
@@ -261,6 +324,8 @@ def test_state_dict_round_trip() -> None:
             want = model.estimates(["a", "b", "c", "z"], key, now)
             for g, w in zip(got, want, strict=True):
                 assert np.array_equal(g, w)
+            got_q = restored.quick_shares(["a", "b", "c", "z"], key.country, now)
+            assert np.array_equal(got_q, model.quick_shares(["a", "b", "c", "z"], key.country, now))
     assert restored.state_dict() == json.loads(json.dumps(model.state_dict()))
 
 
@@ -418,7 +483,9 @@ def test_make_policy_errors() -> None:
         make_policy("nope", model)
     with pytest.raises(ValueError, match=r"'thompson' has no parameter\(s\) \['n_sample'\]"):
         make_policy("thompson", model, n_sample=10)
-    with pytest.raises(ValueError, match=r"\['cache_seconds', 'epsilon', 'exploration_floor'\]"):
+    with pytest.raises(
+        ValueError, match=r"\['cache_seconds', 'epsilon', 'exploration_floor', 'retries'\]"
+    ):
         make_policy("epsilon_greedy", model, eps=0.1)
     with pytest.raises(ValueError, match="exploration_floor"):
         make_policy("uniform", model, exploration_floor=1.0)

@@ -82,7 +82,7 @@ def test_every_algorithm_finds_the_target_when_it_is_easy(name: str) -> None:
     share = (pulls[-1000:] == EASY.target).mean()
     print(f"\n[{name}] target share in the last 1000 rounds: {share:.3f}")
     assert share >= 0.9
-    if name != ENGINE:  # the engine's 2% exploration floor costs a little every round
+    if name != ENGINE:  # the engine's exploration floor costs a little every round
         # Sublinear: the last half adds less regret than the first.
         cost = cost_regret(EASY, pulls)
         assert cost[-1] - cost[horizon // 2] <= cost[horizon // 2]

@@ -16,7 +16,12 @@ from mlflow.tracking import MlflowClient
 from bandit.reward import MessageClass
 from carriers.catalog import Catalog, load_catalog
 from experiments.metrics import regret, run_metrics, utilities
-from experiments.oracle import expected_capped_latency, lognormal_cdf
+from experiments.oracle import (
+    expected_capped_latency,
+    lognormal_cdf,
+    retry_waits,
+    true_utility,
+)
 from experiments.runner import (
     BASELINES,
     UnknownPolicy,
@@ -25,7 +30,7 @@ from experiments.runner import (
     run_experiment,
     shipped_scenarios,
 )
-from experiments.world import ScenarioError, ScenarioSpec, World, load_scenario
+from experiments.world import RouteSpec, ScenarioError, ScenarioSpec, World, load_scenario
 from router.config import load_config
 from router.decision_log import DECISION_SCHEMA, DECISIONS, read_stream
 
@@ -43,7 +48,7 @@ TINY: dict[str, Any] = {
         "tenants": {"acme": 0.5, "default": 0.5},
         "classes": {"otp": 1.0},
     },
-    "defaults": {"deliver": 0.8, "latency_median_s": 8},
+    "defaults": {"deliver": 0.6, "latency_median_s": 8},
     "routes": {"globalprime": {"DE": {"deliver": 0.97, "latency_median_s": 4}}},
     "events": [
         {"at_minute": 6, "carrier": "globalprime", "country": "DE", "kind": "outage"},
@@ -115,6 +120,38 @@ def test_lognormal_helpers_match_monte_carlo() -> None:
     assert expected_capped_latency(10.0, 6.0, 0.8) == pytest.approx(
         np.minimum(lat, 10).mean(), rel=0.003
     )
+
+
+def test_retry_waits_and_a_retry_s_utility_hand_cases() -> None:
+    route = RouteSpec(deliver=0.8, no_dlr=0.02, latency_median_s=5.0, latency_sigma=0.0)
+    otp = CLASSES["otp"]
+    waits = retry_waits(route, otp, night=False)
+    assert waits[0] == (0.0, pytest.approx(0.55))  # no rejected submits on this route
+    undeliv = 0.2 * 0.98 * 0.75  # lost, with a receipt, and the receipt is an early UNDELIV
+    assert sum(p for p, _ in waits[1:]) == pytest.approx(undeliv)
+    assert [w for _, w in waits[1:]] == pytest.approx([8.625, 14.875, 21.125, 27.375])
+    short = MessageClass("short", value=0.5, sla_seconds=15, latency_penalty_per_second=0.001)
+    assert sum(p for p, _ in retry_waits(route, short, night=False)[1:]) == pytest.approx(
+        undeliv * 10 / 25  # only receipts inside the SLA are retried
+    )
+    # A retry sent 20 s into the SLA: delivered at 25 s as the user sees it (penalty on 25 s);
+    # sent after the SLA, it can only cost.
+    assert true_utility(route, 0.03, False, otp, False, waited=20.0) == pytest.approx(
+        0.5 * 0.8 - 0.03 - 0.001 * 25.0 * 0.8
+    )
+    assert true_utility(route, 0.03, False, otp, False, waited=58.0) == pytest.approx(
+        -0.03 - 0.001 * 60.0 * 0.8
+    )
+
+
+def test_a_retry_s_latency_counts_from_the_first_send(catalog: Catalog, tmp_path: Path) -> None:
+    run = _play(catalog, TINY, "uniform", 2, tmp_path)
+    df = run.frame[run.frame["carrier"].notna()]
+    first_at = df.groupby("index")["at"].transform("min")
+    retries = df[(df["attempt"] == 2) & df["delivered"]]
+    assert len(retries) > 10
+    assert (retries["latency_s"] > retries["at"] - first_at[retries.index]).all()
+    assert (retries["success"] == (retries["latency_s"] <= 60)).all()
 
 
 # ---- metrics on a hand-built frame --------------------------------------------------------
