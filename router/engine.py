@@ -406,6 +406,20 @@ class RoutingEngine:
         )
         self.timers.push(t + mc.learner_deadline_seconds, DEADLINE, flight.decision_id)
 
+    def _track_truth(self, flight: InFlight, mc: MessageClass) -> None:
+        """Learn whether a delivered code arrived at one time for every message, converted or
+        not: the learner's deadline span after the receipt (the user's time to type it), within
+        the conversion window. Learning conversions as they come and misses only later would
+        overrate a carrier whose traffic grows, and counting from the decision, a slow one."""
+        if flight.truth_done or flight.delivered_at is None:
+            return
+        close = flight.at + mc.conversion_window_seconds
+        due = min(flight.delivered_at + mc.learner_deadline_seconds, close)
+        if due <= self.clock:
+            self._truth(flight, flight.converted, self.clock)
+        else:
+            self.timers.push(due, TRUTH, flight.decision_id)
+
     def _track_late(self, flight: InFlight, mc: MessageClass) -> None:
         """Timers only a decision still open at its deadline needs (most close before)."""
         if flight.conversion_tenant:
@@ -571,13 +585,8 @@ class RoutingEngine:
             latency = at - flight.at
             within = latency <= mc.sla_seconds
             self._learn(flight, within, at, latency if within else None)
-            # Whether the code arrived is learned at one time for every message, converted or
-            # not: at the learner's deadline (a receipt after it: when the conversion window
-            # closes). Learning conversions as they come and misses only at a deadline would
-            # overrate a carrier whose traffic is growing and underrate one losing it.
-            late = at >= flight.at + mc.conversion_window_seconds
-            if flight.conversion_tenant and late and not flight.truth_done:
-                self._truth(flight, flight.converted, at)
+            if flight.conversion_tenant:
+                self._track_truth(flight, mc)
             if cost is None and flight.billing_on_delivery:
                 cost = flight.unit_price * flight.segments
             self.stats.delivered += 1
@@ -628,9 +637,6 @@ class RoutingEngine:
                 self.model.add_pending(flight.carrier, flight.key, 1.0)
         elif kind == DEADLINE:
             self._learn(flight, False, due, None)
-            delivered = flight.final_status == "DELIVRD"
-            if delivered and flight.conversion_tenant and not flight.truth_done:
-                self._truth(flight, flight.converted, due)
             if not flight.change_checked:  # a restored decision has had its deadline already
                 self._check_change(flight, due)
                 self._track_late(flight, mc)
@@ -833,6 +839,8 @@ class RoutingEngine:
                 self._track(flight, mc)
                 if flight.change_checked:
                     self._track_late(flight, mc)
+                if flight.conversion_tenant:
+                    self._track_truth(flight, mc)
             for cid in self.eligibility.paused:
                 self.metrics.paused.labels(cid).set(1)
 

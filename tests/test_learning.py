@@ -273,8 +273,9 @@ def _carrier_totals(evidence: dict[tuple[str, ...], list[float]]) -> tuple[float
 
 
 def test_receipt_truth_and_quick_failures_are_learned_at_fair_times(catalog: Catalog) -> None:
-    """A conversion is learned when a miss would be (at the learner's deadline), so a carrier
-    whose traffic grows is not overrated; a failure answered inside the SLA counts as quick."""
+    """A conversion is learned when a miss would be (the deadline span, 70 s, after the
+    receipt), so a carrier whose traffic grows is not overrated; a failure answered inside the
+    SLA counts as quick."""
     t0 = 1_793_602_800.0
     engine = RoutingEngine(
         catalog, load_config().with_seed(1), EngineOptions(max_future_skew_seconds=None)
@@ -293,7 +294,7 @@ def test_receipt_truth_and_quick_failures_are_learned_at_fair_times(catalog: Cat
         ]
     )
     engine.advance(t0 + 40)
-    assert engine.model.truth_ == {}  # the conversion waits for the deadline (60 s + 10 s)
+    assert engine.model.truth_ == {}  # the conversion waits until 70 s after its receipt
     assert _carrier_totals(engine.model.quick_) == pytest.approx((1.0, 1.0), abs=0.01)
     engine.advance(t0 + 80)
     assert _carrier_totals(engine.model.truth_) == pytest.approx((1.0, 2.0), abs=0.01)
