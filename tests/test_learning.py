@@ -299,3 +299,21 @@ def test_receipt_truth_and_quick_failures_are_learned_at_fair_times(catalog: Cat
     engine.advance(t0 + 80)
     assert _carrier_totals(engine.model.truth_) == pytest.approx((1.0, 2.0), abs=0.01)
     assert _carrier_totals(engine.model.quick_) == pytest.approx((1.0, 2.0), abs=0.01)
+
+
+def test_a_restored_engine_still_learns_the_truth_of_a_delivered_code(catalog: Catalog) -> None:
+    t0 = 1_793_602_800.0
+    config = load_config().with_seed(1)
+    options = EngineOptions(max_future_skew_seconds=None)
+    engine = RoutingEngine(catalog, config, options)
+    req = RouteRequest("+79031234567", "otp", "acme", mccmnc="25001", at=t0)
+    did = engine.route(req).decision_id
+    engine.record_outcomes(
+        [OutcomeEvent(did, "dlr", "DELIVRD", at=t0 + 4), OutcomeEvent(did, "conversion", at=t0 + 9)]
+    )
+    restored = RoutingEngine(catalog, config, options)
+    restored.load_state(engine.state_dict())
+    restored.advance(t0 + 60)
+    assert restored.model.truth_ == {}
+    restored.advance(t0 + 80)
+    assert _carrier_totals(restored.model.truth_) == pytest.approx((1.0, 1.0), abs=0.01)
