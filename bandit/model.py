@@ -183,6 +183,7 @@ class CarrierModel:
         return a / (a + b)
 
     def _success(self, carrier: str, key: RouteKey, now: float) -> tuple[float, float]:
+        """Beta posterior of success within the SLA, pooled from the carrier down to the band."""
         cfg = self.config
         levels = []
         for k in self._levels(carrier, key):
