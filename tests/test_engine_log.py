@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
+
 from carriers.catalog import load_catalog
 from router.config import load_config
 from router.decision_log import (
@@ -14,6 +16,7 @@ from router.decision_log import (
     read_stream,
 )
 from router.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
+from router.inflight import InFlight
 
 T0 = 1_793_602_800.0
 
@@ -66,3 +69,19 @@ def test_engine_rows_validate_and_read_back(tmp_path: Path) -> None:
     assert view.set_index("decision_id").loc[ids[0], "delivered_within_sla"]
     text = b"".join(p.read_bytes() for p in tmp_path.rglob("*.parquet"))
     assert not any(n.lstrip("+").encode() in text for n in numbers)
+
+
+def test_a_flight_s_snapshot_form_round_trips_and_owns_its_lists() -> None:
+    engine = RoutingEngine(
+        load_catalog(), load_config().with_seed(3), EngineOptions(max_future_skew_seconds=None)
+    )
+    d = engine.route(RouteRequest("+79031234567", "otp", "acme", mccmnc="25001", at=T0))
+    engine.record_outcomes([OutcomeEvent(d.decision_id, "dlr", "DELIVRD", at=T0 + 4)])
+    flight = engine.inflight[d.decision_id]
+    state = flight.to_state()
+    restored = InFlight.from_state(orjson.loads(orjson.dumps(state)))
+    restored.record["at"] = flight.record["at"]  # the engine parses it back (_restore_flight)
+    assert restored == flight
+    flight.events.append({"event": "conversion"})
+    flight.seen.add("conversion")
+    assert len(state["events"]) == 1 and state["seen"] == ["dlr-final"]
