@@ -198,14 +198,13 @@ class Policy(ABC):
 
     def _distribution(self, ctx: DecisionContext, arms: Sequence[Arm]) -> Distribution:
         """π(·|x) computed afresh, with probes and the exploration floor mixed in."""
-        alpha, beta, ratio, latency = self.model.estimates(
-            [a.carrier for a in arms], ctx.key, ctx.at
-        )
+        carriers = [a.carrier for a in arms]
+        alpha, beta, ratio, latency = self.model.estimates(carriers, ctx.key, ctx.at)
         price, on_delivery = arm_prices(arms, ctx.segments)
         mean = alpha / (alpha + beta)
         scores = expected_utility(mean, ratio, latency, price, on_delivery, ctx.message_class)
         if ctx.attempt <= self.retries and len(arms) > 1:
-            quick = self.model.quick_shares([a.carrier for a in arms], ctx.key.country, ctx.at)
+            quick = self.model.quick_shares(carriers, ctx.key.country, ctx.at)
             scores = with_retry(scores, (1.0 - mean) * quick)
         else:
             quick = np.zeros(len(arms))
@@ -214,7 +213,7 @@ class Policy(ABC):
         )
         if len(arms) > 1:
             if self.probes:
-                probe = self.model.probe_shares([a.carrier for a in arms], ctx.key.country, ctx.at)
+                probe = self.model.probe_shares(carriers, ctx.key.country, ctx.at)
                 if probe.any():
                     probs = (1.0 - probe.sum()) * probs + probe
             if self.exploration_floor > 0:
