@@ -47,6 +47,11 @@ def expected_capped_latency(cap: float, median: float, sigma: float) -> float:
     return below + cap * (1 - lognormal_cdf(cap, median, sigma))
 
 
+def delivery_rate(route: RouteSpec, night: bool) -> float:
+    """P(a message on this route reaches the handset), with the route's losses at local night."""
+    return route.deliver * ((1 - route.night_drop) if night else 1.0)
+
+
 def true_utility(
     route: RouteSpec,
     price: float,
@@ -61,7 +66,7 @@ def true_utility(
     SLA left, and its latency, as the user sees it, starts that much later.
     """
     accepted = 1 - route.submit_reject
-    deliver = route.deliver * ((1 - route.night_drop) if night else 1.0)
+    deliver = delivery_rate(route, night)
     receipt = deliver * (1 - route.no_dlr) + (1 - deliver) * route.fake_dlr
     billed = accepted * (receipt if billing_on_delivery else 1.0)
     left = mc.sla_seconds - waited
@@ -86,8 +91,12 @@ def retry_waits(
     lo, hi = UNDELIV_DELAY_S
     top = min(hi, mc.sla_seconds)
     if top > lo:
-        deliver = route.deliver * ((1 - route.night_drop) if night else 1.0)
-        undeliv = (1 - deliver) * (1 - route.fake_dlr) * (1 - route.no_dlr) * UNDELIV_SHARE
+        undeliv = (
+            (1 - delivery_rate(route, night))
+            * (1 - route.fake_dlr)
+            * (1 - route.no_dlr)
+            * UNDELIV_SHARE
+        )
         p = (1 - route.submit_reject) * undeliv * (top - lo) / (hi - lo) / points
         out += [(p, lo + (top - lo) * (k + 0.5) / points + RETRY_AFTER_S) for k in range(points)]
     return out
