@@ -407,11 +407,12 @@ class RoutingEngine:
         self.timers.push(t + mc.learner_deadline_seconds, DEADLINE, flight.decision_id)
 
     def _track_truth(self, flight: InFlight, mc: MessageClass) -> None:
-        """Learn whether a delivered code arrived at one time for every message, converted or
-        not: the learner's deadline span after the receipt (the user's time to type it), within
-        the conversion window. Learning conversions as they come and misses only later would
-        overrate a carrier whose traffic grows, and counting from the decision, a slow one."""
-        if flight.truth_done or flight.delivered_at is None:
+        """For tenants that report conversions, learn whether a delivered code arrived at one
+        time for every message, converted or not: the learner's deadline span after the
+        receipt (the user's time to type it), within the conversion window. Learning
+        conversions as they come and misses only later would overrate a carrier whose traffic
+        grows, and counting from the decision, a slow one."""
+        if not flight.conversion_tenant or flight.truth_done or flight.delivered_at is None:
             return
         close = flight.at + mc.conversion_window_seconds
         due = min(flight.delivered_at + mc.learner_deadline_seconds, close)
@@ -585,8 +586,7 @@ class RoutingEngine:
             latency = at - flight.at
             within = latency <= mc.sla_seconds
             self._learn(flight, within, at, latency if within else None)
-            if flight.conversion_tenant:
-                self._track_truth(flight, mc)
+            self._track_truth(flight, mc)
             if cost is None and flight.billing_on_delivery:
                 cost = flight.unit_price * flight.segments
             self.stats.delivered += 1
@@ -839,8 +839,7 @@ class RoutingEngine:
                 self._track(flight, mc)
                 if flight.change_checked:
                     self._track_late(flight, mc)
-                if flight.conversion_tenant:
-                    self._track_truth(flight, mc)
+                self._track_truth(flight, mc)
             for cid in self.eligibility.paused:
                 self.metrics.paused.labels(cid).set(1)
 
