@@ -165,10 +165,15 @@ class DestinationParser:
         kind = phonenumbers.number_type(num)  # UNKNOWN iff invalid (is_valid_number's own test)
         if kind == PhoneNumberType.UNKNOWN:
             raise InvalidNumber(f"number is not a valid number in {region}")
+        e164 = phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
+        if len(e164) - 1 < 8:  # a trunk '0' after the country code ("+43 0 12000") was dropped
+            raise InvalidNumber(
+                f"number must have 8 to 15 digits, it has {len(e164) - 1} without its trunk prefix"
+            )
         is_mobile = kind in _MOBILE_TYPES
         operator = self.directory.by_carrier_name(region, carrier.name_for_number(num, "en"))
         return Destination(
-            e164=phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164),
+            e164=e164,
             country=region,
             country_code=num.country_code,
             operator=operator,

@@ -135,6 +135,7 @@ def test_malformed_mccmnc_is_an_error(mccmnc: str) -> None:
         ("+7 903 123 45 67", "only digits"),
         ("+79031", "8 to 15 digits, it has 5"),
         ("+1234567", "8 to 15 digits, it has 7"),
+        ("+43012000", "8 to 15 digits, it has 7 without its trunk prefix"),  # E.164: +4312000
         ("+1234567890123456", "8 to 15 digits, it has 16"),
         ("+9991234567890", "country code"),
         ("+80012345678", "+800 is not a known country"),
