@@ -54,6 +54,9 @@ def run_metrics(
         "cost_per_delivered": float(df["cost"].sum()) / delivered if delivered else math.nan,
         "utility": float(utilities(df, classes).sum()),
         "conversion_rate": _rate(conv["converted"]),
+        "expected_regret": (
+            float(df["expected_regret"].sum()) if "expected_regret" in df else math.nan
+        ),
     }
     reactions = reaction_times(frame, world)
     if reactions:
@@ -66,9 +69,15 @@ def _rate(values: pd.Series) -> float:
 
 
 def regret(metrics: Mapping[str, float], oracle: Mapping[str, float]) -> dict[str, float]:
-    """Regret vs the oracle on the same traffic: absolute and % of the oracle's utility."""
+    """Regret vs the oracle on the same traffic: absolute and % of the oracle's utility, and the
+    luck-free (expected) regret as a % of it too."""
     absolute = oracle["utility"] - metrics["utility"]
-    return {"regret": absolute, "regret_pct": 100 * absolute / abs(oracle["utility"])}
+    scale = 100 / abs(oracle["utility"])
+    return {
+        "regret": absolute,
+        "regret_pct": scale * absolute,
+        "expected_regret_pct": scale * metrics.get("expected_regret", math.nan),
+    }
 
 
 def reaction_times(frame: pd.DataFrame, world: World) -> dict[str, float]:

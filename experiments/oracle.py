@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bandit.model import CarrierModel
+from bandit.model import CarrierModel, ModelConfig, RouteKey
 from bandit.policies import Arm, DecisionContext, Policy
 from bandit.reward import MessageClass
 from experiments.play import RETRY_AFTER_S
@@ -26,7 +26,7 @@ from experiments.world import (
     RouteSpec,
     World,
 )
-from router.engine import RoutingEngine
+from router.engine import RouteDecision, RoutingEngine
 
 NIGHT_END_HOUR = 6  # the world's night drop applies before 06:00 local time
 
@@ -158,3 +158,41 @@ def use_oracle(engine: RoutingEngine, world: World, seed: int | None = None) -> 
     oracle = Oracle(engine.model, world, seed=seed)
     engine.policy = oracle
     return oracle
+
+
+class Judge:
+    """Luck-free (expected) regret of each decision: the best true expected utility among the
+    carriers the router could have chosen, minus that of the one it chose, in the decision's
+    own context, by the oracle's utilities (so 0 for the oracle's own choices).
+
+    Realized utility carries the outcomes' luck: two policies that pick different carriers for
+    a message face different draws, so near-ties between good routes leave differences within
+    noise. This measure has none of that luck; it is the bandit literature's pseudo-regret.
+    """
+
+    def __init__(self, world: World, band_hours: int) -> None:
+        self.oracle = Oracle(CarrierModel(ModelConfig(band_hours=band_hours)), world)
+        self.world = world
+        self._cache: dict[tuple[Any, ...], dict[str, float]] = {}
+
+    def __call__(
+        self, decision: RouteDecision, mc: MessageClass, segments: int, attempt: int
+    ) -> float:
+        """Expected regret of `decision` (its carrier and fallbacks are the eligible set)."""
+        carriers = (decision.carrier, *decision.fallbacks)
+        band = int(decision.context["local_hour"]) // self.oracle.model.config.band_hours
+        key = RouteKey(decision.context["country"], decision.context["operator"], band)
+        minute = (decision.at - self.world.start) / 60
+        phase = tuple(i for i, ev in enumerate(self.world.spec.events) if ev.active(minute))
+        memo = (key, mc.name, segments, attempt > 1, tuple(sorted(carriers)), phase)
+        utility = self._cache.get(memo)
+        if utility is None:
+            arms = [self._arm(c) for c in memo[4]]
+            ctx = DecisionContext(key, mc, segments, decision.at, attempt)
+            utility = dict(zip(memo[4], self.oracle.utilities(ctx, arms).tolist(), strict=True))
+            self._cache[memo] = utility
+        return max(utility.values()) - utility[decision.carrier]
+
+    def _arm(self, carrier: str) -> Arm:
+        """The oracle prices arms from the world itself; only the billing basis is needed."""
+        return Arm(carrier, 0.0, self.world.catalog.carriers[carrier].billing == "delivery")

@@ -14,7 +14,7 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,9 @@ from bandit.reward import MessageClass
 from experiments.world import Message, World
 from router.engine import OutcomeEvent, RouteDecision, RouteRequest, RoutingEngine
 from router.errors import RoutingError
+
+if TYPE_CHECKING:  # the oracle imports this module's retry timing
+    from experiments.oracle import Judge
 
 RETRY_STATUSES = frozenset({"UNDELIV", "REJECTD", "REJECTED"})
 RETRY_AFTER_S = 0.5  # a sender retries this long after the failure's answer
@@ -59,8 +62,10 @@ class TrafficDriver:
         seed: int = 0,
         batch_size: int = 1,
         controls: Sequence[tuple[float, Callable[[], None]]] = (),
+        judge: Judge | None = None,
     ) -> None:
         self.router = router
+        self.judge = judge
         self.world = world
         self.classes = classes
         self.seed = seed
@@ -127,7 +132,8 @@ class TrafficDriver:
             )
             for at, s in batch
         ]
-        for (at, s), answer in zip(batch, self.router.route_batch(reqs), strict=True):
+        answers = self.router.route_batch(reqs)
+        for (at, s), req, answer in zip(batch, reqs, answers, strict=True):
             row = {
                 "at": at,
                 "index": s.index,
@@ -165,6 +171,11 @@ class TrafficDriver:
                     "operator": operator,
                     "cost": self.world.cost(answer.carrier, msg, operator, events),
                     "receipt": next((e.status for e in events if e.event == "dlr"), None),
+                    "expected_regret": math.nan
+                    if self.judge is None
+                    else self.judge(
+                        answer, self.classes[req.message_class], req.segments, s.attempt
+                    ),
                 }
             )
             for ev in events:
@@ -198,11 +209,13 @@ def play(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     chunk_seconds: float = 60.0,
+    judge: Judge | None = None,
 ) -> pd.DataFrame:
     """Run the scenario through an in-process engine, exactly in event order.
 
     The scenario's new carriers are paused in the engine until they arrive, and its price
-    changes replace the engine's catalog when they take effect.
+    changes replace the engine's catalog when they take effect. With a `judge`, each attempt
+    also gets its luck-free regret.
     """
     messages = world.messages(np.random.default_rng([world.spec.seed, 1]))
     driver = TrafficDriver(
@@ -213,6 +226,7 @@ def play(
         seed=seed,
         batch_size=1,
         controls=[(at, _control(engine, world, at, kind, c)) for at, kind, c in world.controls()],
+        judge=judge,
     )
     t = world.start
     while t < world.end:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -31,7 +32,7 @@ from experiments.metrics import (
     run_metrics,
     traffic_split,
 )
-from experiments.oracle import use_oracle
+from experiments.oracle import Judge, use_oracle
 from experiments.peers import PEERS, PeerEngine, missing_library, use_peer
 from experiments.play import play
 from experiments.plots import plot_regret, plot_split
@@ -54,6 +55,7 @@ SUMMARY_COLUMNS = {  # metric: short header for the printed and Markdown tables
     "cost_per_delivered": "cost/delivered",
     "conversion_rate": "conversion",
     "outage_reaction_s": "reaction s",
+    "expected_regret_pct": "luck-free regret %",
 }
 SPREAD_COLUMNS = {"utility_sd": "utility sd", "regret_pct_sd": "regret % sd"}  # several seeds
 
@@ -122,7 +124,8 @@ def play_policy(
     elif policy in PEERS:
         use_peer(engine, policy, seed)
     try:
-        frame = play(engine, world, seed=seed, progress=progress)
+        judge = Judge(world, config.model.band_hours)
+        frame = play(engine, world, seed=seed, progress=progress, judge=judge)
     finally:
         log.close()
     metrics = run_metrics(frame, world, config.message_classes)
@@ -332,7 +335,7 @@ def write_results(
         table = mean_over_seeds(summaries)
         spec = load_scenario(scenario)
         sections += ["", f"## {scenario}", "", " ".join(spec.description.split()), ""]
-        sections += [_markdown(table), "", verdict(table)]
+        sections += [_markdown(table), "", verdict(table, seeds=summaries)]
     # Imported here: the cost-subsidy runner reuses this module's MLflow helpers.
     from experiments.cost_subsidy_runner import markdown, run_cost_subsidy
 
@@ -358,17 +361,49 @@ def mean_over_seeds(summaries: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return table
 
 
-def verdict(table: pd.DataFrame, default: str = "thompson") -> str:
-    """One generated sentence: does the default policy beat every other policy on utility?"""
+def verdict(
+    table: pd.DataFrame, default: str = "thompson", seeds: Sequence[pd.DataFrame] = ()
+) -> str:
+    """Generated sentences: does the default policy beat every other policy on utility (with the
+    paired standard error of a difference when there are several seeds' tables), and on the
+    luck-free regret?"""
     if default not in table.index:
         return ""
     base = table.loc[default, "utility"]
     others = table.drop(index=[ORACLE, default], errors="ignore")
     better = others[others["utility"] > base]
     if better.empty:
-        return f"`{default}` has the highest utility of every policy but the oracle."
-    beaten = ", ".join(f"{p} (+{u - base:,.4g})" for p, u in better["utility"].items())
-    return f"`{default}` is beaten on utility by: {beaten}."
+        out = f"`{default}` has the highest utility of every policy but the oracle."
+    else:
+        beaten = ", ".join(
+            f"{p} (+{u - base:,.4g}{_paired(seeds, p, default)})"
+            for p, u in better["utility"].items()
+        )
+        out = f"`{default}` is beaten on utility by: {beaten}."
+    if "expected_regret_pct" not in table:
+        return out
+    luck_free = table["expected_regret_pct"].drop(index=ORACLE, errors="ignore").dropna()
+    if default in luck_free.index and len(luck_free) > 1:
+        mine = luck_free[default]
+        ahead = luck_free.drop(index=default)
+        ahead = ahead[ahead < mine]
+        if ahead.empty:
+            out += f" Its luck-free regret ({mine:.3g}%) is the lowest of all policies."
+        else:
+            names = ", ".join(f"{p} ({r:.3g}%)" for p, r in ahead.items())
+            out += f" Its luck-free regret ({mine:.3g}%) is above that of: {names}."
+    return out
+
+
+def _paired(seeds: Sequence[pd.DataFrame], policy: str, default: str) -> str:
+    """' ± se over n seeds' of the per-seed utility difference, noting when it is within noise
+    (under two standard errors); empty with fewer than two seeds."""
+    diffs = np.array([s.loc[policy, "utility"] - s.loc[default, "utility"] for s in seeds])
+    if len(diffs) < 2:
+        return ""
+    se = float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
+    noise = ", within noise" if abs(diffs.mean()) < 2 * se else ""
+    return f" ± {se:,.2g} paired se over {len(diffs)} seeds{noise}"
 
 
 def _markdown(summary: pd.DataFrame) -> str:

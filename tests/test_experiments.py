@@ -17,6 +17,7 @@ from bandit.reward import MessageClass
 from carriers.catalog import Catalog, load_catalog
 from experiments.metrics import regret, run_metrics, utilities
 from experiments.oracle import (
+    Judge,
     expected_capped_latency,
     lognormal_cdf,
     retry_waits,
@@ -33,6 +34,7 @@ from experiments.runner import (
 from experiments.world import RouteSpec, ScenarioError, ScenarioSpec, World, load_scenario
 from router.config import load_config
 from router.decision_log import DECISION_SCHEMA, DECISIONS, read_stream
+from router.engine import RouteDecision
 
 START = "2026-11-02T09:00:00Z"
 
@@ -203,6 +205,44 @@ def test_regret_on_a_hand_checked_case(catalog: Catalog) -> None:
     assert "outage_reaction_s" not in m_policy  # no outage in this world
 
 
+def test_luck_free_regret_on_a_hand_checked_case(catalog: Catalog) -> None:
+    spec = {**TINY, "events": [], "traffic": {**TINY["traffic"], "retry": False}}
+    world = _world(catalog, spec)
+    judge = Judge(world, band_hours=6)
+    otp = CLASSES["otp"]
+    context = {"country": "DE", "operator": "telekom", "local_hour": 10}
+
+    def true(carrier: str) -> float:  # 10:00 in Berlin is not night
+        route = world.route(carrier, "DE", world.start)
+        billing = catalog.carriers[carrier].billing == "delivery"
+        price = world.price(carrier, "DE", "telekom", world.start)
+        return true_utility(route, price, billing, otp, False)
+
+    def decided(carrier: str, *fallbacks: str) -> RouteDecision:
+        return RouteDecision("d", carrier, list(fallbacks), 0.5, "x", context, world.start + 1)
+
+    # globalprime (97% in 4 s) is the best route into DE in this world; eurodirect the default.
+    assert true("globalprime") > true("eurodirect")
+    assert judge(decided("globalprime", "eurodirect"), otp, 1, 1) == 0.0
+    assert judge(decided("eurodirect", "globalprime"), otp, 1, 1) == pytest.approx(
+        true("globalprime") - true("eurodirect")
+    )
+    assert judge(decided("eurodirect"), otp, 1, 1) == 0.0  # nothing else was eligible
+
+
+def test_the_oracle_has_no_luck_free_regret_and_others_do(catalog: Catalog, tmp_path: Path) -> None:
+    oracle = _play(catalog, TINY, "oracle", 1, tmp_path)
+    uniform = _play(catalog, TINY, "uniform", 1, tmp_path)
+    assert (oracle.frame["expected_regret"].dropna() == 0).all()
+    assert oracle.metrics["expected_regret"] == 0.0
+    assert (uniform.frame["expected_regret"].dropna() >= 0).all()
+    assert uniform.metrics["expected_regret"] > 0.05 * len(uniform.frame)  # mostly bad routes
+    r = regret(uniform.metrics, oracle.metrics)
+    assert r["expected_regret_pct"] == pytest.approx(
+        100 * uniform.metrics["expected_regret"] / oracle.metrics["utility"]
+    )
+
+
 # ---- scripted events the engine is told of ------------------------------------------------
 
 
@@ -310,6 +350,8 @@ def test_runner_logs_one_mlflow_run_per_policy(catalog: Catalog, tmp_path: Path)
             "cost_per_delivered",
             "conversion_rate",
             "outage_reaction_s",
+            "expected_regret",
+            "expected_regret_pct",
         ):
             assert math.isfinite(run.data.metrics[metric]), metric
         assert run.data.metrics["regret"] == pytest.approx(result.summary.loc[policy, "regret"])

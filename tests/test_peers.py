@@ -182,3 +182,16 @@ def test_seed_tables_merge_and_the_verdict_names_who_wins() -> None:
     assert merged.loc["thompson", "utility_sd"] == pytest.approx(np.std([9.0, 7.0], ddof=1))
     assert verdict(merged) == "`thompson` is beaten on utility by: static (+0.5)."
     assert verdict(table(9.0, 8.0, 30.0)).startswith("`thompson` has the highest utility")
+    # With the seeds' tables: the paired standard error of static − thompson (+1, −2, +3).
+    seeds = [table(9.0, 10.0, 30.0), table(9.0, 7.0, 30.0), table(7.0, 10.0, 30.0)]
+    merged = mean_over_seeds(seeds)
+    se = np.std([1.0, -2.0, 3.0], ddof=1) / np.sqrt(3)
+    assert verdict(merged, seeds=seeds) == (
+        f"`thompson` is beaten on utility by: static (+0.6667 ± {se:,.2g} paired se over 3 "
+        "seeds, within noise)."
+    )
+    # The luck-free regret is compared when the runs have it.
+    merged["expected_regret_pct"] = [0.0, 1.5, 2.5]
+    assert verdict(merged).endswith("Its luck-free regret (1.5%) is the lowest of all policies.")
+    merged["expected_regret_pct"] = [0.0, 1.5, 0.5]
+    assert verdict(merged).endswith("Its luck-free regret (1.5%) is above that of: static (0.5%).")
