@@ -325,7 +325,12 @@ def write_results(
         f"country's traffic, from then to the outage's end, is under {REACTION_SHARE:.0%} (over "
         f"at least {REACTION_MIN_DECISIONS} decisions; — when it never is, or there is no "
         f"outage).{over} Peers (mabwiser_ts, pybandits_cc, vw_cb_adf) learn from the same answers "
-        "at the same event times as the engine.",
+        "at the same event times as the engine. Luck-free regret % is the same regret without the "
+        "outcomes' luck (the bandit literature's pseudo-regret): per decision, the best true "
+        "expected utility among the carriers that were eligible minus that of the one chosen, by "
+        "the oracle's formulas, summed (% of the oracle's utility). Where two routes are nearly "
+        "equal, policies that pick differently face different draws, and their utilities differ "
+        "by luck; the verdicts give the paired standard error of such a difference over the seeds.",
     ]
     for scenario in shipped_scenarios():
         summaries = [
