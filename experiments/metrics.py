@@ -112,15 +112,43 @@ def cumulative_regret(
     bin_seconds: float = 60.0,
 ) -> pd.Series:
     """Cumulative regret vs the oracle by event minute (utility summed per time bin)."""
-    edges = np.arange(world.start, world.end + bin_seconds, bin_seconds)
+    mine, best = routed(frame), routed(oracle)
+    return _cumulative(
+        _binned(best, utilities(best, classes), world, bin_seconds)
+        - _binned(mine, utilities(mine, classes), world, bin_seconds),
+        world,
+        bin_seconds,
+    )
 
-    def per_bin(df: pd.DataFrame) -> np.ndarray:
-        df = routed(df)
-        sums, _ = np.histogram(df["at"], bins=edges, weights=utilities(df, classes))
-        return sums
 
-    minutes = (edges[1:] - world.start) / 60
-    return pd.Series(np.cumsum(per_bin(oracle) - per_bin(frame)), index=minutes, name="regret")
+def cumulative_luck_free_regret(
+    frame: pd.DataFrame, world: World, bin_seconds: float = 60.0
+) -> pd.Series:
+    """Cumulative luck-free (expected) regret by event minute, from each attempt's own."""
+    df = routed(frame)
+    return _cumulative(
+        _binned(df, df["expected_regret"].astype(float).fillna(0.0), world, bin_seconds),
+        world,
+        bin_seconds,
+    )
+
+
+def _binned(df: pd.DataFrame, values: pd.Series, world: World, bin_seconds: float) -> np.ndarray:
+    """`values` of the attempts summed per time bin from the world's start (a retry sent after
+    the world's end counts in the last bin, so the curve ends at the run's total)."""
+    edges = _edges(world, bin_seconds)
+    at = np.clip(df["at"].to_numpy(dtype=float), edges[0], np.nextafter(edges[-1], -np.inf))
+    sums, _ = np.histogram(at, bins=edges, weights=values)
+    return sums
+
+
+def _edges(world: World, bin_seconds: float) -> np.ndarray:
+    return np.arange(world.start, world.end + bin_seconds, bin_seconds)
+
+
+def _cumulative(per_bin: np.ndarray, world: World, bin_seconds: float) -> pd.Series:
+    minutes = (_edges(world, bin_seconds)[1:] - world.start) / 60
+    return pd.Series(np.cumsum(per_bin), index=minutes, name="regret")
 
 
 def traffic_split(frame: pd.DataFrame, world: World, bin_seconds: float = 300.0) -> pd.DataFrame:

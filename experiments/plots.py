@@ -1,4 +1,5 @@
-"""Figures of an experiment (matplotlib, no display): cumulative regret and traffic split."""
+"""Figures of an experiment (matplotlib, no display): cumulative regret (realized and luck-free)
+and traffic split."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 
-def plot_regret(curves: Mapping[str, pd.Series], path: Path, title: str) -> Path:
+def plot_regret(
+    curves: Mapping[str, pd.Series],
+    path: Path,
+    title: str,
+    ylabel: str = "cumulative regret (utility)",
+) -> Path:
     """Cumulative regret vs the oracle over event minutes, one line per policy."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, curve in curves.items():
         ax.plot(curve.index, curve.to_numpy(), label=name)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="event minute", ylabel="cumulative regret (utility)", title=title)
+    ax.set(xlabel="event minute", ylabel=ylabel, title=title)
     ax.legend(loc="upper left", fontsize="small")
     return _save(fig, path)
 

@@ -27,6 +27,7 @@ from carriers.catalog import Catalog, load_catalog
 from experiments.metrics import (
     REACTION_MIN_DECISIONS,
     REACTION_SHARE,
+    cumulative_luck_free_regret,
     cumulative_regret,
     regret,
     run_metrics,
@@ -57,6 +58,7 @@ SUMMARY_COLUMNS = {  # metric: short header for the printed and Markdown tables
     "outage_reaction_s": "reaction s",
     "expected_regret_pct": "luck-free regret %",
 }
+LUCK_FREE = "cumulative luck-free regret (expected utility)"
 SPREAD_COLUMNS = {"utility_sd": "utility sd", "regret_pct_sd": "regret % sd"}  # several seeds
 
 
@@ -253,6 +255,7 @@ def _log_to_mlflow(
     oracle = runs[ORACLE].frame
     classes = config.message_classes
     curves = {p: cumulative_regret(r.frame, oracle, world, classes) for p, r in runs.items()}
+    luck_free = {p: cumulative_luck_free_regret(r.frame, world) for p, r in runs.items()}
     ids = {}
     with tempfile.TemporaryDirectory() as tmp:
         for policy, run in runs.items():
@@ -264,6 +267,9 @@ def _log_to_mlflow(
             _log_values(client, rid, params, run.metrics)
             plots = Path(tmp) / policy
             plot_regret({policy: curves[policy]}, plots / "cumulative_regret.png", policy)
+            plot_regret(
+                {policy: luck_free[policy]}, plots / "luck_free_regret.png", policy, LUCK_FREE
+            )
             split = traffic_split(run.frame, world)
             plot_split(split, plots / "traffic_split.png", f"{policy}: traffic split")
             client.log_artifacts(rid, str(plots), "plots")
@@ -276,6 +282,8 @@ def _log_to_mlflow(
         client.log_artifact(
             parent, str(plot_regret(curves, Path(tmp) / "cumulative_regret.png", name))
         )
+        lf_plot = plot_regret(luck_free, Path(tmp) / "luck_free_regret.png", name, LUCK_FREE)
+        client.log_artifact(parent, str(lf_plot))
     _log_values(client, parent, {"scenario": name, "seed": seed, "policies": ",".join(runs)}, {})
     client.set_terminated(parent)
     return exp, parent, ids

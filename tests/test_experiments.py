@@ -15,7 +15,13 @@ from mlflow.tracking import MlflowClient
 
 from bandit.reward import MessageClass
 from carriers.catalog import Catalog, load_catalog
-from experiments.metrics import regret, run_metrics, utilities
+from experiments.metrics import (
+    cumulative_luck_free_regret,
+    cumulative_regret,
+    regret,
+    run_metrics,
+    utilities,
+)
 from experiments.oracle import (
     Judge,
     expected_capped_latency,
@@ -237,6 +243,16 @@ def test_the_oracle_has_no_luck_free_regret_and_others_do(catalog: Catalog, tmp_
     assert oracle.metrics["expected_regret"] == 0.0
     assert (uniform.frame["expected_regret"].dropna() >= 0).all()
     assert uniform.metrics["expected_regret"] > 0.05 * len(uniform.frame)  # mostly bad routes
+    world = _world(catalog, TINY)
+    # The curves end at the runs' totals: realized regret and luck-free regret.
+    realized = cumulative_regret(uniform.frame, oracle.frame, world, CLASSES)
+    luck_free = cumulative_luck_free_regret(uniform.frame, world)
+    assert realized.iloc[-1] == pytest.approx(
+        oracle.metrics["utility"] - uniform.metrics["utility"]
+    )
+    assert luck_free.iloc[-1] == pytest.approx(uniform.metrics["expected_regret"])
+    assert luck_free.is_monotonic_increasing
+    assert len(luck_free) == len(realized) == TINY["duration_minutes"]
     r = regret(uniform.metrics, oracle.metrics)
     assert r["expected_regret_pct"] == pytest.approx(
         100 * uniform.metrics["expected_regret"] / oracle.metrics["utility"]
@@ -356,14 +372,18 @@ def test_runner_logs_one_mlflow_run_per_policy(catalog: Catalog, tmp_path: Path)
             assert math.isfinite(run.data.metrics[metric]), metric
         assert run.data.metrics["regret"] == pytest.approx(result.summary.loc[policy, "regret"])
         files = _artifacts(client, run.info.run_id)
-        assert {"plots/cumulative_regret.png", "plots/traffic_split.png"} <= files
+        assert {
+            "plots/cumulative_regret.png",
+            "plots/luck_free_regret.png",
+            "plots/traffic_split.png",
+        } <= files
         segments = [f for f in files if f.startswith("decision_log/decisions/")]
         assert segments
         local = client.download_artifacts(run.info.run_id, segments[0], str(tmp_path / policy))
         assert pq.read_schema(local).names == DECISION_SCHEMA.names
     assert runs["thompson"].data.params["param.n_samples"] == "128"
     summary = _artifacts(client, result.parent_run_id)
-    assert {"summary.csv", "cumulative_regret.png"} <= summary
+    assert {"summary.csv", "cumulative_regret.png", "luck_free_regret.png"} <= summary
 
 
 def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
