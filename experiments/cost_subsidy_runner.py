@@ -5,6 +5,7 @@ random numbers; cost and quality regret (mean ± sd) to MLflow, a table and curv
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,14 @@ from bandit.cost_subsidy import ALGORITHMS, Algorithm, Instance, bernoulli_luck,
 from bandit.cost_subsidy import cost_regret as cost_regret_curve
 from bandit.cost_subsidy import quality_regret as quality_regret_curve
 from bandit.model import CarrierModel, Observation, RouteKey
-from bandit.policies import Arm, DecisionContext, draw, make_policy
+from bandit.policies import POLICIES, Arm, DecisionContext, draw, make_policy
 from bandit.reward import MessageClass
 from experiments.runner import _experiment, _log_values
 from experiments.world import SCENARIOS, ScenarioError
 from router.tracking import default_artifact_location, default_tracking_uri
 
 SPEC = SCENARIOS / "cost_subsidy" / "bernoulli.yaml"
+SPECS = sorted(SPEC.parent.glob("*.yaml"))  # every shipped cost-subsidy experiment
 EXPERIMENT = "cost-subsidy"
 ENGINE = "engine cost_subsidy"
 ENGINE_NO_FLOOR = "engine cost_subsidy, no floor"
@@ -70,7 +72,22 @@ class CostSubsidySpec(BaseModel):
     horizon: int = Field(gt=10)
     seeds: int = Field(ge=1)
     checkpoints: int = Field(20, ge=2)
+    sweep_arm: int | None = Field(
+        None, ge=0, description="the arm whose quality the instances sweep (compact tables, plot)"
+    )
     instances: list[InstanceSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sweep_arm_exists(self) -> CostSubsidySpec:
+        if self.sweep_arm is not None and any(
+            self.sweep_arm >= len(i.means) for i in self.instances
+        ):
+            raise ValueError("sweep_arm must be an arm of every instance")
+        return self
+
+    def swept(self, instance: InstanceSpec) -> float:
+        """The swept arm's quality in an instance."""
+        return instance.means[self.sweep_arm or 0]
 
 
 def load_spec(path: str | Path = SPEC) -> CostSubsidySpec:
@@ -208,6 +225,24 @@ def plot_instance(
     return path
 
 
+def plot_sweep(spec: CostSubsidySpec, table: pd.DataFrame, path: Path) -> Path:
+    """Cost and quality regret at T against the swept arm's quality (mean ± sd), one line per
+    algorithm, with the feasibility threshold of the swept arm marked where it is fixed."""
+    x = [spec.swept(i) for i in spec.instances]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("cost_regret", "quality_regret"), strict=True):
+        for algo in table.index.get_level_values("algorithm").unique():
+            rows = table.xs(algo, level="algorithm").loc[[i.name for i in spec.instances]]
+            ax.errorbar(x, rows[metric], yerr=rows[f"{metric}_sd"], label=algo, marker="o", ms=3)
+        label = metric.replace("_", " ")
+        ax.set(xlabel=f"quality of arm {spec.sweep_arm}", ylabel=f"{label} at T", title=label)
+    axes[1].legend(loc="upper right", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _log(
     client: MlflowClient,
     spec: CostSubsidySpec,
@@ -244,6 +279,8 @@ def _log(
             mine = {a: c for (i, a), c in curves.items() if i == ispec.name}
             png = plot_instance(ispec.name, rounds, mine, Path(tmp) / f"{ispec.name}.png")
             client.log_artifact(parent, str(png), "plots")
+        if spec.sweep_arm is not None:
+            client.log_artifact(parent, str(plot_sweep(spec, table, Path(tmp) / "sweep.png")))
     _log_values(client, parent, {"spec": spec.name, "horizon": spec.horizon}, {})
     client.set_terminated(parent)
     return ids
@@ -268,8 +305,10 @@ def _rich(table: pd.DataFrame, title: str) -> Table:
 
 
 def markdown(result: CostSubsidyResult) -> list[str]:
-    """The RESULTS.md section: what was played, then one table per instance."""
+    """The RESULTS.md section: what was played, then one table per instance, or for a sweep one
+    table per regret with a row per instance."""
     spec = result.spec
+    floor = inspect.signature(POLICIES["cost_subsidy"].__init__).parameters["exploration_floor"]
     lines = [
         f"## Cost subsidy ({spec.name})",
         "",
@@ -277,9 +316,11 @@ def markdown(result: CostSubsidyResult) -> list[str]:
         f"Horizon T = {spec.horizon}, {spec.seeds} seeds; cumulative regret at T, mean ± sd "
         "over seeds. Cost regret is Σ max(c(pulled) − c(target), 0), quality regret "
         "Σ max((1−α)μ* − μ(pulled), 0); the target is the cheapest arm with μ ≥ (1−α)μ*. "
-        f"`{ENGINE}` is the engine's policy with its serving defaults (0.5% exploration floor); "
-        f"`{ENGINE_NO_FLOOR}` the same without the floor.",
+        f"`{ENGINE}` is the engine's policy with its serving defaults ({floor.default:.1%} "
+        f"exploration floor); `{ENGINE_NO_FLOOR}` the same without the floor.",
     ]
+    if spec.sweep_arm is not None:
+        return lines + _sweep_tables(result)
     for ispec in spec.instances:
         inst = ispec.instance()
         lines += [
@@ -297,4 +338,25 @@ def markdown(result: CostSubsidyResult) -> list[str]:
                 f"| {algo} | {_cell(row['cost_regret'], row['cost_regret_sd'])} | "
                 f"{_cell(row['quality_regret'], row['quality_regret_sd'])} |"
             )
+    return lines
+
+
+def _sweep_tables(result: CostSubsidyResult) -> list[str]:
+    """Cost regret, then quality regret: a row per swept quality, a column per algorithm."""
+    spec, table = result.spec, result.table
+    algos = list(table.index.get_level_values("algorithm").unique())
+    lines: list[str] = []
+    for metric in ("cost_regret", "quality_regret"):
+        lines += [
+            "",
+            f"### {metric.replace('_', ' ')} (the summary run's `sweep.png` plots both)",
+            "",
+            "| arm " + f"{spec.sweep_arm} quality | target | " + " | ".join(algos) + " |",
+            "|---|---|" + "---|" * len(algos),
+        ]
+        for ispec in spec.instances:
+            rows = table.loc[ispec.name]
+            cells = [_cell(rows.loc[a, metric], rows.loc[a, f"{metric}_sd"]) for a in algos]
+            target = f"arm {ispec.instance().target}"
+            lines.append(f"| {spec.swept(ispec):.2f} | {target} | " + " | ".join(cells) + " |")
     return lines

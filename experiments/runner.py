@@ -350,12 +350,11 @@ def write_results(
         sections += ["", f"## {scenario}", "", " ".join(spec.description.split()), ""]
         sections += [_markdown(table), "", verdict(table, seeds=summaries)]
     # Imported here: the cost-subsidy runner reuses this module's MLflow helpers.
-    from experiments.cost_subsidy_runner import markdown, run_cost_subsidy
+    from experiments.cost_subsidy_runner import SPECS, markdown, run_cost_subsidy
 
-    sections += [
-        "",
-        *markdown(run_cost_subsidy(out=out, tracking_uri=tracking_uri, console=console)),
-    ]
+    for spec in SPECS:
+        result = run_cost_subsidy(spec, out=out, tracking_uri=tracking_uri, console=console)
+        sections += ["", *markdown(result)]
     path.write_text("\n".join(sections) + "\n", encoding="utf-8")
     return path
 

@@ -118,9 +118,10 @@ def _experiment(args: argparse.Namespace) -> int:
         if args.action == "run":
             run_experiment(args.scenario, *common)
         elif args.action == "cost-subsidy":
-            from experiments.cost_subsidy_runner import run_cost_subsidy
+            from experiments.cost_subsidy_runner import SPECS, run_cost_subsidy
 
-            run_cost_subsidy(args.spec, Path(args.out), args.tracking_uri)
+            for spec in [args.spec] if args.spec else SPECS:
+                run_cost_subsidy(spec, Path(args.out), args.tracking_uri)
         else:
             write_results(Path(args.results), *common, seeds=args.seeds)
     except (ScenarioError, UnknownPolicy) as exc:
@@ -270,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cost-subsidy",
         help="the cost-subsidy anchor (Sinha et al.): CS-TS, CS-UCB, CS-ETC, COF, ours",
     )
-    exp_cs.add_argument("--spec", default=None, help="instances file (default: the shipped one)")
+    exp_cs.add_argument(
+        "--spec", default=None, help="instances file (default: every shipped one in turn)"
+    )
     exp_cs.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in --out)")
     exp_cs.add_argument("--out", default="data/experiments", help="MLflow store")
     exp.set_defaults(func=_experiment)

@@ -25,6 +25,7 @@ from bandit.policies import Arm, DecisionContext, make_policy
 from bandit.reward import MessageClass
 from experiments.cost_subsidy_runner import (
     ENGINE,
+    SPECS,
     EngineCostSubsidy,
     load_spec,
     markdown,
@@ -144,6 +145,35 @@ def test_runner_logs_every_algorithm_and_writes_tables(tmp_path: Path) -> None:
     assert {f"plots/{name}.png" for name in instances} == files
     text = "\n".join(markdown(result))
     assert all(f"### {name}" in text for name in instances)
+
+
+def test_a_sweep_gets_one_table_per_regret_and_a_plot(tmp_path: Path) -> None:
+    instances = [
+        {"name": f"free {q}", "means": [q, 0.5], "costs": [0.0, 1.0], "alpha": 0.1}
+        for q in (0.3, 0.6)
+    ]
+    path = _spec(tmp_path, name="sweep", instances=instances, sweep_arm=0)
+    result = run_cost_subsidy(path, tmp_path / "out", console=Console(quiet=True))
+    text = "\n".join(markdown(result))
+    assert "### cost regret" in text and "### quality regret" in text
+    assert "| 0.30 | arm 1 |" in text  # 0.3 < 0.9·0.5: only the paid arm is feasible
+    assert "| 0.60 | arm 0 |" in text  # the free arm is the best and the target
+    assert "(0.5% exploration floor)" in text
+    client = MlflowClient(result.tracking_uri)
+    exp = client.get_experiment_by_name("cost-subsidy")
+    (parent,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'summary sweep'")
+    assert "sweep.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    with pytest.raises(ScenarioError, match="sweep_arm must be an arm of every instance"):
+        load_spec(_spec(tmp_path, instances=instances, sweep_arm=2))
+
+
+def test_the_shipped_specs_load() -> None:
+    names = {load_spec(p).name for p in SPECS}
+    assert names == {"cost_subsidy_bernoulli", "cost_subsidy_two_arms"}
+    sweep = load_spec(SPECS[[p.stem for p in SPECS].index("two_arm_sweep")])
+    assert [sweep.swept(i) for i in sweep.instances] == pytest.approx(
+        [0.30 + 0.03 * k for k in range(11)]
+    )
 
 
 def test_spec_errors_name_file_and_field(tmp_path: Path) -> None:
