@@ -227,7 +227,7 @@ def plot_instance(
 
 def plot_sweep(spec: CostSubsidySpec, table: pd.DataFrame, path: Path) -> Path:
     """Cost and quality regret at T against the swept arm's quality (mean ± sd), one line per
-    algorithm, with the feasibility threshold of the swept arm marked where it is fixed."""
+    algorithm: where each algorithm pays, and how much, as the swept arm crosses feasibility."""
     x = [spec.swept(i) for i in spec.instances]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("cost_regret", "quality_regret"), strict=True):
@@ -351,7 +351,7 @@ def _sweep_tables(result: CostSubsidyResult) -> list[str]:
             "",
             f"### {metric.replace('_', ' ')} (the summary run's `sweep.png` plots both)",
             "",
-            "| arm " + f"{spec.sweep_arm} quality | target | " + " | ".join(algos) + " |",
+            f"| arm {spec.sweep_arm} quality | target | {' | '.join(algos)} |",
             "|---|---|" + "---|" * len(algos),
         ]
         for ispec in spec.instances:
