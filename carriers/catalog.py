@@ -172,6 +172,11 @@ class Carrier:
     priority: int
     coverage: Mapping[str, Coverage]
 
+    @property
+    def bills_on_delivery(self) -> bool:
+        """Whether the carrier charges on a DELIVRD receipt rather than on an accepted submit."""
+        return self.billing == "delivery"
+
 
 @dataclass(frozen=True, slots=True)
 class Tenant:

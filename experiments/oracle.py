@@ -195,4 +195,4 @@ class Judge:
 
     def _arm(self, carrier: str) -> Arm:
         """The oracle prices arms from the world itself; only the billing basis is needed."""
-        return Arm(carrier, 0.0, self.world.catalog.carriers[carrier].billing == "delivery")
+        return Arm(carrier, 0.0, self.world.catalog.carriers[carrier].bills_on_delivery)

@@ -254,7 +254,7 @@ class World:
     def cost(self, carrier: str, msg: Message, operator: str, events: list[Outcome]) -> float:
         """What sending `msg` really cost: billed on an accepted submit, or on a DELIVRD
         receipt for carriers billing on delivery."""
-        on_delivery = self.catalog.carriers[carrier].billing == "delivery"
+        on_delivery = self.catalog.carriers[carrier].bills_on_delivery
         billed = ("dlr", "DELIVRD") if on_delivery else ("submit", "ACCEPTED")
         if not any((e.event, e.status) == billed for e in events):
             return 0.0

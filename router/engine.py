@@ -329,7 +329,7 @@ class RoutingEngine:
             Arm(
                 c.id,
                 c.coverage[dest.country].price_for(dest.operator),
-                c.billing == "delivery",
+                c.bills_on_delivery,
                 c.priority,
             )
             for c in carriers
@@ -496,7 +496,7 @@ class RoutingEngine:
                 key,
                 segments,
                 float(rec["price"]) / segments,
-                carrier.billing == "delivery",
+                carrier.bills_on_delivery,
                 tenant.reports_conversions,
                 rec,
                 origin=str(rec.get("origin", "")),

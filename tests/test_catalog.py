@@ -54,6 +54,8 @@ def test_carrier_fields(catalog: Catalog) -> None:
     assert prime.sender_types == frozenset({"alphanumeric", "numeric", "shortcode"})
     assert prime.connection["port"] == 2775
     assert catalog.carriers["eurodirect"].billing == "delivery"
+    assert catalog.carriers["eurodirect"].bills_on_delivery
+    assert not catalog.carriers["globalprime"].bills_on_delivery
     assert catalog.carriers["latamobile"].sender_types == frozenset({"numeric", "shortcode"})
 
 

@@ -220,7 +220,7 @@ def test_luck_free_regret_on_a_hand_checked_case(catalog: Catalog) -> None:
 
     def true(carrier: str) -> float:  # 10:00 in Berlin is not night
         route = world.route(carrier, "DE", world.start)
-        billing = catalog.carriers[carrier].billing == "delivery"
+        billing = catalog.carriers[carrier].bills_on_delivery
         price = world.price(carrier, "DE", "telekom", world.start)
         return true_utility(route, price, billing, otp, False)
 
