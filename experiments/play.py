@@ -72,7 +72,6 @@ class TrafficDriver:
         self.batch_size = batch_size
         self.rows: list[dict[str, Any]] = []
         self.routed = 0
-        self._carrier_index = {c: i for i, c in enumerate(world.catalog.carriers)}
         self._heap: list[tuple[float, int, str, Any]] = []
         self._seq = 0
         self._sent: dict[str, tuple[_Send, str]] = {}
@@ -145,9 +144,8 @@ class TrafficDriver:
             if isinstance(answer, RoutingError):
                 self.rows.append({**row, "carrier": None, "error": answer.code})
                 continue
-            rng = np.random.default_rng(
-                [self.seed, s.index, s.attempt, self._carrier_index[answer.carrier]]
-            )
+            # One stream per message and attempt, whatever the carrier: see World.send.
+            rng = np.random.default_rng([self.seed, s.index, s.attempt])
             msg = Message(
                 at, s.msg.to, s.msg.country, s.msg.mccmnc, s.msg.tenant, s.msg.message_class
             )

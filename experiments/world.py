@@ -28,6 +28,8 @@ REJECT_AFTER_S = 0.05  # a rejected submit is answered at once
 # A lost message's receipt (when it has one): UNDELIV within seconds, else EXPIRED after hours.
 UNDELIV_SHARE = 0.75
 UNDELIV_DELAY_S = (5.0, 30.0)
+# Draws every send takes, used or not, so all carriers share them (see World.send).
+_UNIFORMS, _NORMALS = 8, 2
 
 
 class ScenarioError(ValueError):
@@ -274,37 +276,44 @@ class World:
     def send(
         self, carrier: str, msg: Message, local_hour: int, rng: np.random.Generator
     ) -> tuple[list[Outcome], Truth]:
-        """The outcome events of sending `msg` through `carrier`, and what truly happened."""
+        """The outcome events of sending `msg` through `carrier`, and what truly happened.
+
+        Every send takes the same fixed set of draws in the same order, whatever its carrier and
+        branch, so two policies sending one message through different carriers with the same
+        `rng` face coupled outcomes (delivered on the worse route implies delivered on the better
+        one): common random numbers across carriers, not only within one."""
         r = self.route(carrier, msg.country, msg.at)
+        u = rng.random(_UNIFORMS)
+        z = rng.standard_normal(_NORMALS)
         t = msg.at
-        if rng.random() < r.submit_reject:
+        if u[0] < r.submit_reject:
             return [Outcome(t + REJECT_AFTER_S, "submit", "REJECTED")], Truth(False, None, False)
-        events = [Outcome(t + 0.05 + 0.2 * rng.random(), "submit", "ACCEPTED")]
+        events = [Outcome(t + 0.05 + 0.2 * u[1], "submit", "ACCEPTED")]
         deliver = r.deliver * (1 - r.night_drop if local_hour < 6 else 1.0)
-        latency = float(r.latency_median_s * math.exp(r.latency_sigma * rng.standard_normal()))
-        delivered = rng.random() < deliver
-        receipt = rng.random() >= r.no_dlr
+        latency = float(r.latency_median_s * math.exp(r.latency_sigma * z[0]))
+        delivered = u[2] < deliver
+        receipt = u[3] >= r.no_dlr
         converted = False
         if delivered:
             if receipt:
-                events.append(Outcome(t + latency + 0.5 * rng.random(), "dlr", "DELIVRD"))
+                events.append(Outcome(t + latency + 0.5 * u[4], "dlr", "DELIVRD"))
             reports = self.catalog.tenants.get(msg.tenant)
             if (
                 reports is not None
                 and reports.reports_conversions
-                and rng.random() < self.spec.conversion_rate
+                and u[5] < self.spec.conversion_rate
             ):
-                delay = self.spec.conversion_delay_median_s * math.exp(0.5 * rng.standard_normal())
+                delay = self.spec.conversion_delay_median_s * math.exp(0.5 * z[1])
                 events.append(Outcome(t + latency + delay, "conversion"))
                 converted = True
-        elif rng.random() < r.fake_dlr:
+        elif u[6] < r.fake_dlr:
             events.append(Outcome(t + latency, "dlr", "DELIVRD"))
         elif receipt:
-            if rng.random() < UNDELIV_SHARE:
+            if u[7] < UNDELIV_SHARE:
                 lo, hi = UNDELIV_DELAY_S
-                events.append(Outcome(t + lo + (hi - lo) * rng.random(), "dlr", "UNDELIV"))
+                events.append(Outcome(t + lo + (hi - lo) * u[4], "dlr", "UNDELIV"))
             else:
-                events.append(Outcome(t + 3600 * (1 + 5 * rng.random()), "dlr", "EXPIRED"))
+                events.append(Outcome(t + 3600 * (1 + 5 * u[4]), "dlr", "EXPIRED"))
         return sorted(events, key=lambda e: e.at), Truth(
             delivered, latency if delivered else None, converted
         )
