@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.special import betaincinv, ndtr
 
 from bandit.stats import Decayed, cusum_step, pooled_beta
 
@@ -150,9 +151,12 @@ class CarrierModel:
 
         The truth ratio is a carrier's P(conversion | DELIVRD) relative to the most truthful
         carrier in the set: 1 for honest receipts, near 0 for a grey route that fakes them.
-        It is taken with `truth_doubt_sd` posterior sds in the carrier's favour (its upper bound
-        against the best lower bound), so receipts are discounted only where conversions show
-        it clearly and the noise between honest carriers does not steer traffic.
+        It is taken in the carrier's favour (its upper bound against the best lower bound), the
+        bounds being the Beta posterior's quantiles as far out as `truth_doubt_sd` normal sds, so
+        receipts are discounted only where conversions show it clearly and the noise between
+        honest carriers does not steer traffic. Quantiles, not mean ± sds: near 1 the latter
+        makes a thin carrier's lucky streak (8 conversions of 8) a confident reference that
+        discounts every honest carrier.
         A carrier without evidence of its own is taken to be as truthful and as fast as the
         others in the set, so a new carrier is not held back before its first conversions.
         """
@@ -167,10 +171,10 @@ class CarrierModel:
         known = [x for x in seen if x is not None]
         usual = sum(known) / len(known) if known else cfg.default_latency_s
         latency = np.fromiter((usual if x is None else x for x in seen), float, len(carriers))
-        truth = a / (a + b)
-        doubt = cfg.truth_doubt_sd * np.sqrt(truth * (1.0 - truth) / (a + b + 1.0))
-        ref = (truth - doubt).max() if len(truth) else 1.0
-        ratio = np.minimum(1.0, (truth + doubt) / ref) if ref > 0 else np.ones_like(truth)
+        tail = ndtr(-cfg.truth_doubt_sd)
+        low, high = betaincinv(a, b, tail), betaincinv(a, b, 1.0 - tail)
+        ref = low.max() if len(low) else 1.0
+        ratio = np.minimum(1.0, high / ref) if ref > 0 else np.ones_like(high)
         return alpha, beta, ratio, latency
 
     def quick_shares(self, carriers: Sequence[str], country: str, now: float) -> np.ndarray:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from bandit.model import CarrierModel, ModelConfig, Observation, RouteKey
 from bandit.policies import (
@@ -193,17 +194,30 @@ def test_update_truth_calibrates_a_liar() -> None:
     # In a set, each carrier's prior is the others' rate: the liar's is (22 + 3.2) / 26, so
     # carrier level Beta(5.877, 20.123), country level Beta(6.521, 35.479): mean 0.15526; the
     # honest one's prior is (2 + 3.2) / 26 = 0.2, giving Beta(39.538, 2.462): mean 0.94139.
-    # The ratio takes two posterior sds in the carrier's favour: upper(liar) / lower(honest).
-    def sd(m: float) -> float:
-        return (m * (1 - m) / 43) ** 0.5
-
-    liar_in_set, honest_in_set = 6.52077 / 42, 39.53846 / 42
-    want = (liar_in_set + 2 * sd(liar_in_set)) / (honest_in_set - 2 * sd(honest_in_set))
+    # The ratio is in the carrier's favour: the liar's upper bound over the honest one's lower
+    # bound, both the Beta posterior's quantiles two normal sds out (2.275% and 97.725%).
+    tail = stats.norm.cdf(-2.0)
+    want = stats.beta.ppf(1 - tail, 6.52077, 35.47923) / stats.beta.ppf(tail, 39.53846, 2.46154)
     assert ratio[0] == 1.0
     assert ratio[1] == pytest.approx(want, rel=1e-5)
     assert ratio[1] < 0.35
     assert ratio[2] == 1.0  # an unseen carrier is taken to be as honest as its peers
     assert list(alpha) == [1.0, 1.0, 1.0] and list(latency) == [10.0, 10.0, 10.0]
+
+
+def test_a_thin_lucky_streak_does_not_discount_honest_carriers() -> None:
+    """8 conversions of 8 receipts on a barely used carrier is no proof that it is more truthful
+    than carriers converting 85% of 1,000. Its posterior is Beta(19.4, 0.6): mean - 2 sd (0.896)
+    would beat the honest ones' upper bound (0.872); the posterior's own quantile (0.862) does
+    not."""
+    model = CarrierModel()
+    for i in range(1000):
+        model.update_truth("a", "RU", i % 20 < 17, 0.0)
+        model.update_truth("b", "RU", i % 20 < 17, 0.0)
+    for _ in range(8):
+        model.update_truth("thin", "RU", True, 0.0)
+    _alpha, _beta, ratio, _latency = model.estimates(["a", "b", "thin"], KEY, 0.0)
+    assert ratio.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_quick_shares_learn_how_carriers_fail() -> None:
