@@ -31,6 +31,7 @@ from bandit.policies import POLICIES, Arm, DecisionContext, draw, make_policy
 from bandit.reward import MessageClass
 from experiments.runner import _experiment, _log_values
 from experiments.world import SCENARIOS, ScenarioError
+from router.console import report_console
 from router.tracking import default_artifact_location, default_tracking_uri
 
 SPEC = SCENARIOS / "cost_subsidy" / "bernoulli.yaml"
@@ -165,7 +166,7 @@ def run_cost_subsidy(
     console: Console | None = None,
 ) -> CostSubsidyResult:
     """Play every algorithm on every instance for every seed; log to MLflow; print the table."""
-    console = console or Console()
+    console = console or report_console()
     spec = load_spec(spec_path or SPEC)
     horizon = spec.horizon
     rounds = np.unique(np.linspace(1, horizon, spec.checkpoints).astype(int))

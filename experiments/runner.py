@@ -39,6 +39,7 @@ from experiments.play import play
 from experiments.plots import plot_regret, plot_split
 from experiments.world import SCENARIOS, World, load_scenario
 from router.config import EngineConfig, load_config
+from router.console import report_console
 from router.decision_log import DecisionLog
 from router.engine import EngineOptions, RoutingEngine
 from router.tracking import default_artifact_location, default_tracking_uri
@@ -145,7 +146,7 @@ def run_experiment(
     console: Console | None = None,
 ) -> ExperimentResult:
     """Play the oracle and every policy on the scenario, log them to MLflow, print a summary."""
-    console = console or Console()
+    console = console or report_console()
     catalog = catalog or load_catalog()
     config = config or load_config()
     world = World(load_scenario(scenario, catalog), catalog)

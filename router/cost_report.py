@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from router.config import DEFAULT_POLICY_FILE, load_config
+from router.console import report_console
 from router.decision_log import (
     DECISION_SCHEMA,
     DECISIONS,
@@ -172,7 +173,7 @@ def build_report(
 
 def run_cost_report(opts: CostReportOptions, console: Console | None = None) -> CostReport:
     """Build the report, write CSV, Parquet and HTML under `opts.out`, print the top rows."""
-    console = console or Console()
+    console = console or report_console()
     report = build_report(opts.logs, opts.start, opts.end, opts.by, opts.policy_file)
     opts.out.mkdir(parents=True, exist_ok=True)
     paths = {

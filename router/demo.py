@@ -42,6 +42,7 @@ from carriers.worker import SenderWorker, WorkerOptions
 from experiments.world import Message, World, load_scenario
 from router.client import RouterClient
 from router.config import load_config
+from router.console import report_console
 from router.decision_log import DECISION_SCHEMA, OUTCOME_SCHEMA, finalized_view, read_stream
 from router.engine import OutcomeEvent, RouteDecision
 from router.service import ServiceSettings
@@ -205,7 +206,7 @@ class Handsets:
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, object]:
     """Run the demo; returns the figures it printed (for tests)."""
-    console = console or Console()
+    console = console or report_console()
     logging.getLogger("carriers.smpp.wire").setLevel(logging.WARNING)
     logging.getLogger("carriers.worker").setLevel(logging.ERROR)  # counted in the summary
     if not opts.keep_state:

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from carriers.catalog import load_catalog
 from router.config import load_config
+from router.console import report_console
 from router.evaluation import (
     Candidate,
     CandidateResult,
@@ -76,7 +77,7 @@ def _download_logs(tracking_uri: str, run_id: str, into: Path) -> Path:
 
 def run_evaluation(opts: EvaluateOptions, console: Console | None = None) -> pd.DataFrame:
     """Evaluate the candidates, print the table, log the MLflow run; returns the table."""
-    console = console or Console()
+    console = console or report_console()
     if (opts.logs is None) == (opts.run_id is None):
         raise ValueError("give exactly one of --logs FOLDER or --run-id RUN")
     catalog = load_catalog(opts.catalog) if opts.catalog else load_catalog()
