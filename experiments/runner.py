@@ -6,11 +6,15 @@ to MLflow (parameters, metrics, plots, its decision log), with a summary run ove
 from __future__ import annotations
 
 import math
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 import numpy as np
@@ -144,8 +148,13 @@ def run_experiment(
     catalog: Catalog | None = None,
     config: EngineConfig | None = None,
     console: Console | None = None,
+    jobs: int = 1,
 ) -> ExperimentResult:
-    """Play the oracle and every policy on the scenario, log them to MLflow, print a summary."""
+    """Play the oracle and every policy on the scenario, log them to MLflow, print a summary.
+
+    With `jobs` > 1 the policies play in that many processes at once; each play is a fresh
+    engine on the same world and seed, so the numbers do not depend on `jobs`.
+    """
     console = console or report_console()
     catalog = catalog or load_catalog()
     config = config or load_config()
@@ -153,19 +162,9 @@ def run_experiment(
     name = world.spec.name
     out = Path(out)
     base = out / "runs" / name / f"seed{seed}-{time.strftime('%Y%m%dT%H%M%S')}"
-    runs: dict[str, PolicyRun] = {}
-    policies = _playable(policies, console)
+    names = [ORACLE, *_playable(policies, console)]
     with _progress(console) as bar:
-        for policy in (ORACLE, *policies):
-            task = bar.add_task(policy, total=None)
-            runs[policy] = play_policy(
-                policy,
-                world,
-                config,
-                seed,
-                base / policy / "decision_log",
-                lambda done, total, t=task: bar.update(t, completed=done, total=max(done, total)),
-            )
+        runs = _play_all(names, world, config, seed, base, bar, jobs)
     for run in runs.values():
         run.metrics.update(regret(run.metrics, runs[ORACLE].metrics))
     summary = summary_table(runs)
@@ -176,6 +175,59 @@ def run_experiment(
     console.print(_rich_table(summary, f"{name} (seed {seed}): {world.spec.description.strip()}"))
     console.print(f"MLflow: {uri}, experiment {experiment_name(name)!r}")
     return ExperimentResult(name, seed, runs, summary, uri, *ids)
+
+
+def _play_all(
+    names: Sequence[str],
+    world: World,
+    config: EngineConfig,
+    seed: int,
+    base: Path,
+    bar: Progress,
+    jobs: int,
+) -> dict[str, PolicyRun]:
+    """Every named policy's run, in `names` order, in up to `jobs` processes, each with its bar."""
+    tasks = {name: bar.add_task(name, total=None) for name in names}
+
+    def show(name: str, done: int, total: int) -> None:
+        bar.update(tasks[name], completed=done, total=max(done, total))
+
+    if jobs <= 1 or len(names) < 2:
+        return {
+            n: play_policy(n, world, config, seed, base / n / "decision_log", partial(show, n))
+            for n in names
+        }
+    context = multiprocessing.get_context("spawn")  # no fork of a process with threads running
+    with context.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        progress = manager.Queue()
+        futures = {
+            n: pool.submit(_play_reporting, n, world, config, seed, base, progress) for n in names
+        }
+        pending = set(futures.values())
+        while pending:
+            _, pending = wait(pending, timeout=0.25)
+            while not progress.empty():
+                show(*progress.get())
+        return {n: f.result() for n, f in futures.items()}
+
+
+def _play_reporting(
+    name: str,
+    world: World,
+    config: EngineConfig,
+    seed: int,
+    base: Path,
+    progress: Queue[tuple[str, int, int]],
+) -> PolicyRun:
+    """play_policy in a worker process, its progress sent back through a queue."""
+    return play_policy(
+        name,
+        world,
+        config,
+        seed,
+        base / name / "decision_log",
+        lambda done, total: progress.put((name, done, total)),
+    )
 
 
 def _playable(policies: Sequence[str], console: Console) -> list[str]:
@@ -310,9 +362,10 @@ def write_results(
     tracking_uri: str | None = None,
     console: Console | None = None,
     seeds: int = 1,
+    jobs: int = 1,
 ) -> Path:
-    """Run every shipped scenario for `seeds` seeds from `seed`, then the cost-subsidy anchor,
-    and write the tables as Markdown (a generated file)."""
+    """Run every shipped scenario for `seeds` seeds from `seed` (policies in `jobs` processes),
+    then the cost-subsidy anchor, and write the tables as Markdown (a generated file)."""
     runs = list(range(seed, seed + seeds))
     over = (
         ""
@@ -344,7 +397,9 @@ def write_results(
     ]
     for scenario in shipped_scenarios():
         summaries = [
-            run_experiment(scenario, policies, s, out, tracking_uri, console=console).summary
+            run_experiment(
+                scenario, policies, s, out, tracking_uri, console=console, jobs=jobs
+            ).summary
             for s in runs
         ]
         table = mean_over_seeds(summaries)

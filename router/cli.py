@@ -108,6 +108,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from experiments.runner import UnknownPolicy, parse_policies, run_experiment, write_results
     from experiments.world import ScenarioError
@@ -116,14 +124,14 @@ def _experiment(args: argparse.Namespace) -> int:
         policies = parse_policies(getattr(args, "policies", ""))
         common = (policies, getattr(args, "seed", 1), Path(args.out), args.tracking_uri)
         if args.action == "run":
-            run_experiment(args.scenario, *common)
+            run_experiment(args.scenario, *common, jobs=args.jobs)
         elif args.action == "cost-subsidy":
             from experiments.cost_subsidy_runner import SPECS, run_cost_subsidy
 
             for spec in [args.spec] if args.spec else SPECS:
                 run_cost_subsidy(spec, Path(args.out), args.tracking_uri)
         else:
-            write_results(Path(args.results), *common, seeds=args.seeds)
+            write_results(Path(args.results), *common, seeds=args.seeds, jobs=args.jobs)
     except (ScenarioError, UnknownPolicy) as exc:
         print(f"router: {exc}", file=sys.stderr)
         return 2
@@ -256,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp_run.add_argument("scenario", help="a shipped scenario name or a scenario file")
     exp_res = exp_sub.add_parser("results", help="every shipped scenario, to a Markdown table")
     exp_res.add_argument("--results", default="experiments/RESULTS.md", help="file to write")
-    exp_res.add_argument("--seeds", type=int, default=1, help="seeds per scenario, from --seed")
+    exp_res.add_argument(
+        "--seeds", type=_positive_int, default=1, help="seeds per scenario, from --seed"
+    )
     for action in (exp_run, exp_res):
         action.add_argument(
             "--policies",
@@ -267,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--seed", type=int, default=1)
         action.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in --out)")
         action.add_argument("--out", default="data/experiments", help="decision logs, MLflow")
+        action.add_argument(
+            "--jobs",
+            type=_positive_int,
+            default=os.cpu_count() or 1,
+            help="policies played at once, in as many processes (default: the CPUs)",
+        )
     exp_cs = exp_sub.add_parser(
         "cost-subsidy",
         help="the cost-subsidy anchor (Sinha et al.): CS-TS, CS-UCB, CS-ETC, COF, ours",

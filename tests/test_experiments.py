@@ -386,6 +386,20 @@ def test_runner_logs_one_mlflow_run_per_policy(catalog: Catalog, tmp_path: Path)
     assert {"summary.csv", "cumulative_regret.png", "luck_free_regret.png"} <= summary
 
 
+def test_policies_played_in_processes_give_the_same_numbers(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    path = _write(tmp_path, {**TINY, "duration_minutes": 8})
+    policies = ["thompson", "uniform", "cheapest"]
+    one = run_experiment(path, policies, seed=3, out=tmp_path / "one")
+    two = run_experiment(path, policies, seed=3, out=tmp_path / "two", jobs=2)
+    assert list(two.summary.index) == ["oracle", *policies]
+    pd.testing.assert_frame_equal(one.summary, two.summary)
+    for policy in ("oracle", *policies):
+        assert two.runs[policy].frame.equals(one.runs[policy].frame)
+        assert any(two.runs[policy].log_dir.rglob("*.parquet"))
+
+
 def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
     out: set[str] = set()
     for item in client.list_artifacts(run_id, path):
