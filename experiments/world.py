@@ -283,8 +283,8 @@ class World:
         `rng` face coupled outcomes (delivered on the worse route implies delivered on the better
         one): common random numbers across carriers, not only within one."""
         r = self.route(carrier, msg.country, msg.at)
-        u = rng.random(_UNIFORMS)
-        z = rng.standard_normal(_NORMALS)
+        u = rng.random(_UNIFORMS).tolist()  # Python floats: the truths below are plain bools
+        z = rng.standard_normal(_NORMALS).tolist()
         t = msg.at
         if u[0] < r.submit_reject:
             return [Outcome(t + REJECT_AFTER_S, "submit", "REJECTED")], Truth(False, None, False)
