@@ -135,6 +135,30 @@ def test_oracle_decisions_are_logged_as_usual(catalog: Catalog, tmp_path: Path) 
     assert run.metrics["outage_reaction_s"] < 5
 
 
+def test_carriers_share_an_attempt_s_draws(catalog: Catalog) -> None:
+    """Common random numbers across carriers: with the same stream, a message delivered by the
+    worse route is delivered by the better one too, each route keeping its own rates."""
+    spec = {**TINY, "events": []}
+    spec["routes"] = {
+        "globalprime": {"DE": {"deliver": 0.95, "latency_median_s": 4}},
+        "eurodirect": {"DE": {"deliver": 0.6, "latency_median_s": 8}},
+    }
+    world = _world(catalog, spec)
+    messages = world.messages(np.random.default_rng(1))
+    pairs = []
+    for i, msg in enumerate(messages[:3000]):
+        good = world.send("globalprime", msg, 12, np.random.default_rng([7, i]))[1]
+        bad = world.send("eurodirect", msg, 12, np.random.default_rng([7, i]))[1]
+        assert type(good.delivered) is bool
+        pairs.append((good.delivered, bad.delivered))
+        if good.delivered and bad.delivered:  # one latency draw: the faster median is faster
+            assert good.latency_s == pytest.approx(bad.latency_s / 2)
+    good_rate, bad_rate = np.mean(pairs, axis=0)
+    assert not any(bad and not good for good, bad in pairs)
+    assert good_rate == pytest.approx(0.95, abs=0.015)
+    assert bad_rate == pytest.approx(0.6, abs=0.03)
+
+
 def test_lognormal_helpers_match_monte_carlo() -> None:
     rng = np.random.default_rng(0)
     lat = 6.0 * np.exp(0.8 * rng.standard_normal(400_000))
