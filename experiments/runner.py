@@ -205,9 +205,14 @@ def _play_all(
         }
         pending = set(futures.values())
         while pending:
-            _, pending = wait(pending, timeout=0.25)
+            done, pending = wait(pending, timeout=0.25)
             while not progress.empty():
                 show(*progress.get())
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:  # fail fast: plays not started yet are dropped
+                for future in pending:
+                    future.cancel()
+                failed.result()
         return {n: f.result() for n, f in futures.items()}
 
 

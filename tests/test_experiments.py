@@ -438,6 +438,12 @@ def test_policies_played_in_processes_give_the_same_numbers(
         assert any(two.runs[policy].log_dir.rglob("*.parquet"))
 
 
+def test_a_failing_play_in_a_process_stops_the_experiment(catalog: Catalog, tmp_path: Path) -> None:
+    path = _write(tmp_path, {**TINY, "duration_minutes": 4})
+    with pytest.raises(ValueError, match="no_such_policy"):
+        run_experiment(path, ["no_such_policy", "thompson"], seed=1, out=tmp_path, jobs=2)
+
+
 def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
     out: set[str] = set()
     for item in client.list_artifacts(run_id, path):
