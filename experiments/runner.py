@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 import multiprocessing
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -199,21 +200,29 @@ def _play_all(
         }
     context = multiprocessing.get_context("spawn")  # no fork of a process with threads running
     with context.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        progress = manager.Queue()
-        futures = {
-            n: pool.submit(_play_reporting, n, world, config, seed, base, progress) for n in names
-        }
-        pending = set(futures.values())
-        while pending:
-            done, pending = wait(pending, timeout=0.25)
-            while not progress.empty():
-                show(*progress.get())
-            failed = next((f for f in done if f.exception() is not None), None)
-            if failed is not None:  # fail fast: plays not started yet are dropped
-                for future in pending:
-                    future.cancel()
-                failed.result()
-        return {n: f.result() for n, f in futures.items()}
+        progress, stop = manager.Queue(), manager.Event()
+        waiting, running, runs = list(names), {}, {}
+        try:
+            while waiting or running:
+                while waiting and len(running) < jobs:  # a play is submitted only when it can start
+                    name = waiting.pop(0)
+                    job = pool.submit(
+                        _play_reporting, name, world, config, seed, base, progress, stop
+                    )
+                    running[job] = name
+                done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
+                while not progress.empty():  # a play's reports are queued before it returns
+                    show(*progress.get())
+                for job in done:
+                    runs[running.pop(job)] = job.result()
+        except BaseException:
+            stop.set()  # plays still running stop at their next simulated minute
+            raise
+    return {name: runs[name] for name in names}
+
+
+class PlayStopped(RuntimeError):
+    """Another play of the same experiment failed."""
 
 
 def _play_reporting(
@@ -223,16 +232,17 @@ def _play_reporting(
     seed: int,
     base: Path,
     progress: Queue[tuple[str, int, int]],
+    stop: threading.Event,
 ) -> PolicyRun:
-    """play_policy in a worker process, its progress sent back through a queue."""
-    return play_policy(
-        name,
-        world,
-        config,
-        seed,
-        base / name / "decision_log",
-        lambda done, total: progress.put((name, done, total)),
-    )
+    """play_policy in a worker process: progress sent back through a queue, and a stop checked
+    at every report."""
+
+    def report(done: int, total: int) -> None:
+        if stop.is_set():
+            raise PlayStopped(f"{name}: stopped, another play failed")
+        progress.put((name, done, total))
+
+    return play_policy(name, world, config, seed, base / name / "decision_log", report)
 
 
 def _playable(policies: Sequence[str], console: Console) -> list[str]:

@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument(
             "--jobs",
             type=_positive_int,
-            default=os.cpu_count() or 1,
-            help="policies played at once, in as many processes (default: the CPUs)",
+            default=len(os.sched_getaffinity(0)),
+            help="policies played at once, in as many processes (default: the usable CPUs)",
         )
     exp_cs = exp_sub.add_parser(
         "cost-subsidy",

@@ -159,6 +159,27 @@ def test_carriers_share_an_attempt_s_draws(catalog: Catalog) -> None:
     assert bad_rate == pytest.approx(0.6, abs=0.03)
 
 
+def test_policies_face_the_same_draws_whatever_carrier_they_choose(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """Played through the traffic driver: an attempt's luck does not depend on the carrier, so
+    a message the cheap poor route delivered was delivered by the good route too."""
+    spec = {**TINY, "name": "coupled", "events": [], "traffic": {**TINY["traffic"], "retry": False}}
+    spec["routes"] = {
+        "globalprime": {"DE": {"deliver": 0.95, "latency_median_s": 4}},
+        "budgetroute": {"DE": {"deliver": 0.6, "latency_median_s": 8}},
+    }
+    good = _play(catalog, spec, "static", 1, tmp_path).frame.set_index("index")
+    poor = _play(catalog, spec, "cheapest", 1, tmp_path).frame.set_index("index")
+    both = good.join(poor, lsuffix="_good", rsuffix="_poor", how="inner")
+    both = both[(both["carrier_good"] == "globalprime") & (both["carrier_poor"] == "budgetroute")]
+    assert len(both) > 500
+    delivered_good = both["delivered_good"].astype(bool)
+    delivered_poor = both["delivered_poor"].astype(bool)
+    assert not (delivered_poor & ~delivered_good).any()
+    assert delivered_good.mean() > 0.9 and delivered_poor.mean() < 0.7
+
+
 def test_lognormal_helpers_match_monte_carlo() -> None:
     rng = np.random.default_rng(0)
     lat = 6.0 * np.exp(0.8 * rng.standard_normal(400_000))
@@ -439,9 +460,14 @@ def test_policies_played_in_processes_give_the_same_numbers(
 
 
 def test_a_failing_play_in_a_process_stops_the_experiment(catalog: Catalog, tmp_path: Path) -> None:
-    path = _write(tmp_path, {**TINY, "duration_minutes": 4})
+    """The oracle and the broken play start; the broken one fails at once, the oracle stops at
+    its next simulated minute, and the plays behind them never start."""
+    path = _write(tmp_path, {**TINY, "duration_minutes": 30})
+    policies = ["no_such_policy", "thompson", "uniform", "cheapest"]
     with pytest.raises(ValueError, match="no_such_policy"):
-        run_experiment(path, ["no_such_policy", "thompson"], seed=1, out=tmp_path, jobs=2)
+        run_experiment(path, policies, seed=1, out=tmp_path / "out", jobs=2)
+    started = {p.parent.name for p in (tmp_path / "out").rglob("decision_log")}
+    assert started <= {"oracle", "no_such_policy"}
 
 
 def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
