@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from rich.console import Console
 
@@ -10,10 +11,10 @@ LOG_WIDTH = 200  # columns when the output is a file or a pipe, not a terminal
 
 
 def report_console() -> Console:
-    """A console for tables and progress: the terminal's width on a terminal; when the output
-    goes to a log file or a pipe (CI, nohup), wide enough that tables are not cut to rich's
-    default 80 columns. COLUMNS, when set, wins either way."""
-    if os.environ.get("COLUMNS"):
+    """A console for tables and progress: the terminal's width on a terminal; when standard
+    output is a log file or a pipe (CI, nohup), wide enough that tables are not cut to rich's
+    default 80 columns, even where FORCE_COLOR makes rich treat it as a terminal. A numeric
+    COLUMNS wins either way."""
+    if os.environ.get("COLUMNS", "").isdigit() or sys.stdout.isatty():
         return Console()
-    console = Console()
-    return console if console.is_terminal else Console(width=LOG_WIDTH)
+    return Console(width=LOG_WIDTH)

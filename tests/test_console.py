@@ -24,8 +24,8 @@ def test_a_piped_report_is_not_cut_to_80_columns(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then calls any output a terminal
     console = report_console()
-    assert not console.is_terminal
     assert console.width == LOG_WIDTH
     console.print(_table())
     out = capsys.readouterr().out
@@ -35,3 +35,5 @@ def test_a_piped_report_is_not_cut_to_80_columns(
 def test_columns_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "60")
     assert report_console().width == 60
+    monkeypatch.setenv("COLUMNS", "wide")  # not a number: ignored
+    assert report_console().width == LOG_WIDTH
