@@ -72,9 +72,11 @@ class ModelConfig:
         if not (
             0 < self.prior_success < 1
             and 0 < self.quick_prior_mean < 1
-            and 0 < self.truth_prior_mean <= 1
+            and 0 < self.truth_prior_mean < 1
         ):
             raise ValueError("prior means must be in (0, 1)")
+        if self.truth_doubt_sd < 0:
+            raise ValueError("truth_doubt_sd must be >= 0")
         if not 0 < self.cusum_drop_ratio < 1 or not 0 < self.cusum_rise_ratio < 1:
             raise ValueError("cusum_drop_ratio and cusum_rise_ratio must be in (0, 1)")
 

@@ -350,6 +350,10 @@ def test_model_config_validation() -> None:
         ModelConfig(band_hours=5)
     with pytest.raises(ValueError, match="prior"):
         ModelConfig(prior_success=1.0)
+    with pytest.raises(ValueError, match="prior"):  # a Beta with no failures has no quantiles
+        ModelConfig(truth_prior_mean=1.0)
+    with pytest.raises(ValueError, match="truth_doubt_sd"):
+        ModelConfig(truth_doubt_sd=-1.0)
     assert CarrierModel(ModelConfig(band_hours=4)).band_of(23) == 5
 
 
