@@ -280,8 +280,9 @@ class World:
 
         Every send takes the same fixed set of draws in the same order, whatever its carrier and
         branch, so two policies sending one message through different carriers with the same
-        `rng` face coupled outcomes (delivered on the worse route implies delivered on the better
-        one): common random numbers across carriers, not only within one."""
+        `rng` face coupled outcomes (with equal submit rejection rates, delivered on the worse
+        route implies delivered on the better one): common random numbers across carriers, not
+        only within one."""
         r = self.route(carrier, msg.country, msg.at)
         u = rng.random(_UNIFORMS).tolist()  # Python floats: the truths below are plain bools
         z = rng.standard_normal(_NORMALS).tolist()
