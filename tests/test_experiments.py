@@ -171,7 +171,7 @@ def test_policies_face_the_same_draws_whatever_carrier_they_choose(
     }
     good = _play(catalog, spec, "static", 1, tmp_path).frame.set_index("index")
     poor = _play(catalog, spec, "cheapest", 1, tmp_path).frame.set_index("index")
-    both = good.join(poor, lsuffix="_good", rsuffix="_poor", how="inner")
+    both = good.merge(poor, left_index=True, right_index=True, suffixes=("_good", "_poor"))
     both = both[(both["carrier_good"] == "globalprime") & (both["carrier_poor"] == "budgetroute")]
     assert len(both) > 500
     delivered_good = both["delivered_good"].astype(bool)
