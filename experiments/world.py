@@ -291,7 +291,7 @@ class World:
             return [Outcome(t + REJECT_AFTER_S, "submit", "REJECTED")], Truth(False, None, False)
         events = [Outcome(t + 0.05 + 0.2 * u[1], "submit", "ACCEPTED")]
         deliver = r.deliver * (1 - r.night_drop if local_hour < 6 else 1.0)
-        latency = float(r.latency_median_s * math.exp(r.latency_sigma * z[0]))
+        latency = r.latency_median_s * math.exp(r.latency_sigma * z[0])
         delivered = u[2] < deliver
         receipt = u[3] >= r.no_dlr
         converted = False
