@@ -5,7 +5,11 @@ A `router serve` process, one simulated SMSC per carrier in a second process, an
 every carrier but one paused (one bind per worker) or with all three German carriers (several
 binds), and reports submits/s, receipts/s and messages/s end to end (all receipts reported).
 
-    .venv/bin/python bench/worker_bench.py [--jobs 3000] [--repeats 3]
+    .venv/bin/python bench/worker_bench.py [--jobs 3000] [--repeats 3] [--journal file]
+
+`--journal` is where each worker records its outcome events before acknowledging them:
+`file` (an fsync'd journal, what `router worker` does without Redis), `redis` (`--redis-url`,
+what it does with Redis) or `memory` (no durability: the in-process default).
 """
 
 from __future__ import annotations
@@ -27,13 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from carriers.catalog import load_catalog  # noqa: E402
+from carriers.journal import FileJournal, MemoryJournal, OutcomeJournal, RedisJournal  # noqa: E402
 from carriers.ledger import MemoryLedger  # noqa: E402
 from carriers.queue import InProcessQueue, Job  # noqa: E402
+from carriers.reporter import OutcomeReporter  # noqa: E402
 from carriers.smpp_client import SmppCarrier  # noqa: E402
 from carriers.worker import SenderWorker, WorkerOptions  # noqa: E402
 from router.client import RouterClient  # noqa: E402
 
 DE_CARRIERS = ("globalprime", "eurodirect", "budgetroute")
+JOURNAL = {"kind": "memory", "dir": Path(tempfile.gettempdir()), "redis_url": ""}
+
+
+def journal_for(name: str) -> OutcomeJournal:
+    """The outcome journal of one bench worker (`--journal`)."""
+    if JOURNAL["kind"] == "file":
+        return FileJournal(Path(JOURNAL["dir"]) / "journal", name)
+    if JOURNAL["kind"] == "redis":
+        import redis
+
+        return RedisJournal(redis.Redis.from_url(str(JOURNAL["redis_url"])), name, "bench:{out}")
+    return MemoryJournal()
 
 
 def smsc_process(ports: mp.Queue, stop: mp.Event, accounts: int) -> None:  # type: ignore[type-arg]
@@ -110,9 +128,11 @@ def run_once(url: str, ports: dict[str, int], n_jobs: int, workers: int, carrier
     ledger = MemoryLedger()
     fleet: list[SenderWorker] = []
     for w in range(workers):
+        client = RouterClient(url, timeout=30)
+        reporter = OutcomeReporter(client, journal=journal_for(f"{tag}-w{w}"))
         worker = SenderWorker(
-            RouterClient(url, timeout=30), {}, queue, ledger=ledger,
-            options=WorkerOptions(concurrency=concurrency),
+            client, {}, queue, ledger=ledger,
+            options=WorkerOptions(concurrency=concurrency), reporter=reporter,
         )  # fmt: skip
         for cid in carriers:
             link = SmppCarrier(cid, "127.0.0.1", ports[cid], f"{cid[:10]}w{w}", "bench",
@@ -151,7 +171,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=3000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--journal", choices=["file", "redis", "memory"], default="file")
+    ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""))
     args = ap.parse_args()
+    JOURNAL.update(kind=args.journal, redis_url=args.redis_url)
     configs = [
         ("1 worker, 1 bind, 8 threads", 1, DE_CARRIERS[:1], 8),
         ("1 worker, 3 binds, 8 threads", 1, DE_CARRIERS, 8),
@@ -163,6 +186,7 @@ def main() -> None:
     smsc.start()
     ports = ports_q.get(timeout=30)
     with tempfile.TemporaryDirectory() as tmp:
+        JOURNAL["dir"] = Path(tmp)
         router, url = start_router(Path(tmp))
         try:
             results: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in configs}
@@ -176,7 +200,7 @@ def main() -> None:
             router.wait(timeout=60)
             stop.set()
             smsc.join(timeout=10)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} (2 cores)")
+    print(f"journal: {args.journal}; load average at the end: {os.getloadavg()[0]:.1f} (2 cores)")
     summary = {}
     for name, runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

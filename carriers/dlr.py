@@ -2,14 +2,16 @@
 
 Carriers disagree on the details (date widths, key case, long status words, extra fields, ids in
 hex in one place and decimal in another), so parsing is tolerant and id matching goes through
-`message_id_keys`. Receipt dates are event time (UTC): they become the outcome's `at`.
+`carriers.receipt_match`. Receipt dates are the carrier's clock: minute precision (Appendix B's
+10 digits) or seconds, in the carrier's zone (UTC unless the caller says otherwise), sometimes off
+by minutes; `carriers.receipt_time` turns them into the outcome's event time.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from features.clock import ensure_utc
@@ -74,6 +76,7 @@ class Receipt:
     error_code: str | None
     submit_date: datetime | None
     done_date: datetime | None
+    date_precision_s: float = 1.0  # 60 when the dates have no seconds (YYMMDDhhmm)
 
     @property
     def final(self) -> bool:
@@ -90,17 +93,18 @@ def normalize_status(word: str) -> str:
     return status
 
 
-def parse_receipt_text(text: str | bytes) -> Receipt:
-    """Parse a receipt's text (`id:… sub:… dlvrd:… submit date:… done date:… stat:… err:…`)."""
+def parse_receipt_text(text: str | bytes, tz: tzinfo = UTC) -> Receipt:
+    """Parse a receipt's text (`id:… sub:… dlvrd:… submit date:… done date:… stat:… err:…`);
+    dates are read in the carrier's zone `tz`."""
     fields = _text_fields(_decode(text))
-    return _receipt(fields.get("id"), fields.get("stat"), fields)
+    return _receipt(fields.get("id"), fields.get("stat"), fields, tz)
 
 
-def receipt_from_pdu(pdu: Any) -> Receipt | None:
+def receipt_from_pdu(pdu: Any, tz: tzinfo = UTC) -> Receipt | None:
     """The receipt carried by a smpplib DeliverSM/DataSM, or None if it carries none.
 
     TLVs (receipted_message_id, message_state, network_error_code) come first; the text in
-    short_message or message_payload fills what they lack (and gives the dates).
+    short_message or message_payload fills what they lack (and gives the dates, read in `tz`).
     """
     esm_type = (getattr(pdu, "esm_class", None) or 0) & _ESM_TYPE_MASK
     flagged = esm_type in (ESM_SMSC_RECEIPT, ESM_INTERMEDIATE)
@@ -111,14 +115,14 @@ def receipt_from_pdu(pdu: Any) -> Receipt | None:
     fields = _text_fields(text)
     if not (flagged or tlv_id or tlv_state is not None):
         try:
-            return _receipt(fields.get("id"), fields.get("stat"), fields)
+            return _receipt(fields.get("id"), fields.get("stat"), fields, tz)
         except ReceiptError:
             return None
     status = MESSAGE_STATES.get(tlv_state) if isinstance(tlv_state, int) else None
     err = _network_error_code(getattr(pdu, "network_error_code", None))
     if err is not None:
         fields["err"] = err
-    return _receipt(tlv_id or fields.get("id"), status or fields.get("stat"), fields)
+    return _receipt(tlv_id or fields.get("id"), status or fields.get("stat"), fields, tz)
 
 
 def format_receipt_text(
@@ -131,14 +135,18 @@ def format_receipt_text(
     submitted: int = 1,
     delivered: int | None = None,
     text: str = "",
-    seconds: bool = True,
+    seconds: bool = False,
+    tz: tzinfo = UTC,
 ) -> str:
-    """The standard receipt text (SMPP 3.4 Appendix B), dates as YYMMDDhhmmss (or hhmm) UTC."""
+    """The standard receipt text (SMPP 3.4 Appendix B): dates as YYMMDDhhmm, as most carriers
+    send them (YYMMDDhhmmss with `seconds`), on a wall clock in zone `tz` with no offset."""
     status = normalize_status(status)
     if delivered is None:
         delivered = submitted if status == "DELIVRD" else 0
     fmt = "%y%m%d%H%M%S" if seconds else "%y%m%d%H%M"
-    submitted_at, done_at = (ensure_utc(d).strftime(fmt) for d in (submit_date, done_date))
+    submitted_at, done_at = (
+        ensure_utc(d).astimezone(tz).strftime(fmt) for d in (submit_date, done_date)
+    )
     return (
         f"id:{message_id} sub:{submitted:03d} dlvrd:{delivered:03d} "
         f"submit date:{submitted_at} done date:{done_at} "
@@ -166,18 +174,22 @@ def message_id_keys(message_id: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
-def _receipt(message_id: str | None, stat: str | None, fields: dict[str, str]) -> Receipt:
+def _receipt(
+    message_id: str | None, stat: str | None, fields: dict[str, str], tz: tzinfo = UTC
+) -> Receipt:
     if not message_id:
         raise ReceiptError("receipt has no message id (no id: field and no receipted_message_id)")
     if not stat:
         raise ReceiptError("receipt has no status (no stat: field and no message_state)")
     err = fields.get("err")
+    done, precision = _parse_date(fields.get("done date"), tz)
     return Receipt(
         message_id=message_id,
         status=normalize_status(stat),
         error_code=err or None,
-        submit_date=_parse_date(fields.get("submit date")),
-        done_date=_parse_date(fields.get("done date")),
+        submit_date=_parse_date(fields.get("submit date"), tz)[0],
+        done_date=done,
+        date_precision_s=precision,
     )
 
 
@@ -220,22 +232,24 @@ def _bare_status(text: str, found: list[tuple[str, int, int]]) -> str | None:
     return None
 
 
-def _parse_date(value: str | None) -> datetime | None:
-    """YYMMDDhhmm, YYMMDDhhmmss, YYYYMMDDhhmm or YYYYMMDDhhmmss as UTC; None if absent or
-    invalid (carriers send zeros or garbage dates; the status still counts)."""
+def _parse_date(value: str | None, tz: tzinfo = UTC) -> tuple[datetime | None, float]:
+    """YYMMDDhhmm, YYMMDDhhmmss, YYYYMMDDhhmm or YYYYMMDDhhmmss on a clock in zone `tz`, as
+    UTC, with its precision in seconds (60 without seconds); None if absent or invalid
+    (carriers send zeros or garbage dates; the status still counts)."""
     if not value or not value.isdecimal():
-        return None
+        return None, 1.0
     formats = {
-        10: ("%y%m%d%H%M",),
-        12: ("%y%m%d%H%M%S", "%Y%m%d%H%M"),
-        14: ("%Y%m%d%H%M%S",),
+        10: (("%y%m%d%H%M", 60.0),),
+        12: (("%y%m%d%H%M%S", 1.0), ("%Y%m%d%H%M", 60.0)),
+        14: (("%Y%m%d%H%M%S", 1.0),),
     }.get(len(value), ())
-    for fmt in formats:
+    for fmt, precision in formats:
         try:
-            return datetime.strptime(value, fmt).replace(tzinfo=UTC)
+            local = datetime.strptime(value, fmt).replace(tzinfo=tz)
         except ValueError:
             continue
-    return None
+        return local.astimezone(UTC), precision
+    return None, 1.0
 
 
 def _decode(raw: str | bytes, ucs2: bool = False) -> str:

@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from typing import Any, Literal
 
 from smpplib import consts, exceptions, smpp
@@ -97,6 +98,8 @@ class CarrierStats:
     part_receipts: int  # receipts of a long message's later parts (acknowledged, not reported)
     held_receipts: int  # receipts waiting now for their submit_sm_resp
     unmatched_receipts: int  # held receipts whose id never came
+    ambiguous_receipts: int  # receipts whose id fitted two submits (held, never guessed)
+    ambiguous_expired: int  # of those, never resolved within the hold
     bad_receipts: int  # receipt PDUs that could not be read
     other_messages: int  # deliver_sm/data_sm that were not receipts (mobile-originated)
     callback_errors: int
@@ -358,6 +361,7 @@ class SmppCarrier:
         tcp_nodelay: bool = True,
         matcher: ReceiptMatcher | None = None,
         resolve_unmatched: Callable[[Receipt], str | None] | None = None,
+        receipt_tz: tzinfo = UTC,
     ) -> None:
         if bind not in ("transceiver", "pair"):
             raise ValueError(f"bind must be 'transceiver' or 'pair', not {bind!r}")
@@ -376,6 +380,7 @@ class SmppCarrier:
         self.tcp_nodelay = tcp_nodelay
         self.matcher = matcher or ReceiptMatcher()
         self.resolve_unmatched = resolve_unmatched
+        self.receipt_tz = receipt_tz  # the zone of the SMSC's receipt dates (no offset in them)
         self._window = threading.BoundedSemaphore(window)
         self._bucket = TokenBucket(max_tps) if max_tps else None
         self._link: _Link | None = None
@@ -505,7 +510,8 @@ class SmppCarrier:
                 break
             time.sleep(backoff_delay(attempt, *self.retry_backoff))
         for message_id in filter(None, ids):
-            self.matcher.forget(message_id)
+            for sent, receipt in self.matcher.forget(message_id):
+                self._report(sent, receipt)
         accepted = tuple(message_id or "" for message_id in ids)
         return SubmitResult(False, accepted, failure.status, failure.error, failure.temporary, n)
 
@@ -607,7 +613,7 @@ class SmppCarrier:
     def _on_message(self, bind: _BindConnection, pdu: Any) -> None:
         """A deliver_sm or data_sm: report the receipt it carries, then answer ESME_ROK."""
         try:
-            receipt = receipt_from_pdu(pdu)
+            receipt = receipt_from_pdu(pdu, self.receipt_tz)
         except ValueError as exc:
             receipt = None
             self._count("bad_receipts")
@@ -617,10 +623,10 @@ class SmppCarrier:
                 self._count("other_messages")
             else:
                 self._count("receipts")
-                sent = self.matcher.received(receipt)
-                if sent is not None:
-                    self._report(sent, receipt)
-                else:
+                matches = self.matcher.received(receipt)
+                for sent, matched in matches:
+                    self._report(sent, matched)
+                if not matches and self.matcher.is_held(receipt.message_id):
                     self._resolve_elsewhere(receipt)
         bind.respond(f"{pdu.command}_resp", pdu)
 
@@ -669,6 +675,8 @@ class SmppCarrier:
             early_receipts=matched.matched_late,
             held_receipts=matched.held,
             unmatched_receipts=matched.unmatched,
+            ambiguous_receipts=matched.ambiguous,
+            ambiguous_expired=matched.ambiguous_expired,
         )
         return CarrierStats(**{name: counts.get(name, 0) for name in CarrierStats.__slots__})
 

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from typing import Any, Literal, NamedTuple
 
 from smpplib import consts
@@ -156,7 +157,9 @@ class SimulatedSMSC:
     delays each submit_sm_resp; `receipt_first` sends a receipt due at once before the
     submit_sm_resp. Receipts are resent after `receipt_ack_timeout` wall seconds without an
     answer, up to `receipt_max_attempts` sends, and kept at most `receipt_ttl` event seconds
-    after their due time while no receiver is bound. Faults: `drop_every`
+    after their due time while no receiver is bound. Receipt dates are Appendix B's
+    YYMMDDhhmm (`receipt_date_seconds` for YYMMDDhhmmss), in `receipt_tz` with no offset, on a
+    clock `receipt_clock_offset_s` ahead of event time. Faults: `drop_every`
     drops a session at its N-th submit (unanswered), `temp_error_rate`/`perm_error_rate` answer
     that share of submits with ESME_RSYSERR/ESME_RINVDSTADR, `fail_next` scripts answers.
     """
@@ -184,6 +187,9 @@ class SimulatedSMSC:
         receipt_ttl: float = 72 * 3600.0,
         submit_resp_delay: float = 0.0,
         receipt_first: bool = False,
+        receipt_date_seconds: bool = False,
+        receipt_clock_offset_s: float = 0.0,
+        receipt_tz: tzinfo = UTC,
         drop_every: int | None = None,
         temp_error_rate: float = 0.0,
         perm_error_rate: float = 0.0,
@@ -225,6 +231,9 @@ class SimulatedSMSC:
             ttl=receipt_ttl,
             tlvs=receipt_tlvs,
             pdu=receipt_pdu,
+            date_seconds=receipt_date_seconds,
+            clock_offset_s=receipt_clock_offset_s,
+            date_tz=receipt_tz,
         )
         self._concat: dict[tuple[str, str, int, int], _Concat] = {}
         self._server: asyncio.Server | None = None

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
+from datetime import UTC, tzinfo
 from typing import Any, Literal
 
 from smpplib.client import SimpleSequenceGenerator
@@ -118,6 +119,9 @@ class ReceiptDesk:
         ttl: float,
         tlvs: bool,
         pdu: Literal["deliver_sm", "data_sm"] = "deliver_sm",
+        date_seconds: bool = False,
+        clock_offset_s: float = 0.0,
+        date_tz: tzinfo = UTC,
     ) -> None:
         self.name = name
         self.clock = clock
@@ -128,6 +132,9 @@ class ReceiptDesk:
         self.ttl = ttl
         self.tlvs = tlvs
         self.pdu = pdu
+        self.date_seconds = date_seconds  # Appendix B's 10-digit dates unless True (12)
+        self.clock_offset_s = clock_offset_s  # how far the receipt clock is ahead
+        self.date_tz = date_tz  # the zone the dates are written in, with no offset
         self._scheduled: list[tuple[float, int, OwedReceipt]] = []
         self._ready: dict[str, list[OwedReceipt]] = {}
         self._order = itertools.count()
@@ -203,9 +210,11 @@ class ReceiptDesk:
             receipt.message_id,
             receipt.status,
             error_code=receipt.error_code,
-            submit_date=from_epoch(receipt.submit_at),
-            done_date=from_epoch(receipt.due),
+            submit_date=from_epoch(receipt.submit_at + self.clock_offset_s),
+            done_date=from_epoch(receipt.due + self.clock_offset_s),
             text=receipt.text,
+            seconds=self.date_seconds,
+            tz=self.date_tz,
         )
         fields: dict[str, Any] = {
             "service_type": "",

@@ -9,10 +9,13 @@ submitted: at-least-once delivery, never a double count.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
+import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,6 +26,7 @@ from carriers.dlr import Receipt
 from carriers.encoding import parts_count
 from carriers.ledger import JobLedger, JobRecord, MemoryLedger
 from carriers.queue import Delivery, Job, MessageQueue
+from carriers.receipt_time import ReceiptClock
 from carriers.reporter import OutcomeReporter
 from carriers.smpp_client import SubmitResult
 from router.client import RouterClient
@@ -30,6 +34,8 @@ from router.engine import OutcomeEvent, RouteDecision, RouteRequest
 from router.errors import RoutingError
 
 log = logging.getLogger(__name__)
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
+_SUBMIT_TIMES_KEPT = 500_000  # submit times of messages whose final receipt may still come
 
 
 class Clock(Protocol):
@@ -46,17 +52,16 @@ class WallClock:
         return time.time()
 
 
-def receipt_time(receipt: Receipt, now: float, max_age_s: float = 48 * 3600) -> float:
-    """The event time of a receipt: its `done date` when plausible, else when it arrived.
-
-    The done date is when the carrier saw the outcome, so latency is measured without the
-    receipt's transit; a date in the future or older than the DLR timeout (a carrier stamping
-    local time without a zone, say) is not trusted.
-    """
-    if receipt.done_date is None:
-        return now
-    done = receipt.done_date.timestamp()
-    return done if now - max_age_s <= done <= now + 1.0 else now
+def submit_status(result: SubmitResult) -> str:
+    """The submit status word the router takes: ACCEPTED, the SMPP command_status name
+    (ESME_RINVDSTADR, or its hex number), or the link's failure as a word (TIMEOUT,
+    CONNECTION_LOST, GENERIC_NACK, …)."""
+    if result.ok:
+        return "ACCEPTED"
+    error = (result.error or "ERROR").strip()
+    if error.startswith("generic_nack"):
+        return "GENERIC_NACK"
+    return error.upper().replace(" ", "_")
 
 
 class CarrierLink(Protocol):
@@ -105,6 +110,16 @@ class _Attempt:
     parent: str | None
     first_at: float
 
+    @property
+    def route_key(self) -> str:
+        """The route call's idempotency key, one per job and attempt: a route call retried
+        after a timeout (or by the worker that takes over the job) gets the decision the
+        router already made, instead of leaving it orphaned (counted a failure)."""
+        job_id = self.job.job_id
+        if len(job_id) > 100 or _KEY_UNSAFE.search(job_id):  # keys take [A-Za-z0-9_.:-]
+            job_id = "h." + hashlib.sha256(job_id.encode()).hexdigest()[:40]
+        return f"{job_id}:{self.attempt}"
+
 
 class SenderWorker:
     """Sends jobs from a queue through the router's decisions and the carriers' links."""
@@ -119,6 +134,7 @@ class SenderWorker:
         clock: Clock | None = None,
         options: WorkerOptions | None = None,
         on_decision: Callable[[Job, RouteDecision], None] | None = None,
+        reporter: OutcomeReporter | None = None,
     ) -> None:
         self.router = router
         self.links = dict(links)
@@ -127,10 +143,13 @@ class SenderWorker:
         self.clock = clock or WallClock()
         self.options = options or WorkerOptions()
         self.on_decision = on_decision
-        self.reporter = OutcomeReporter(router)
+        # The outcome journal and dead letters are the reporter's (in memory unless given one).
+        self.reporter = reporter or OutcomeReporter(router)
         self.stats = WorkerStats()
         self._retries: queue.Queue[_Attempt] = queue.Queue()
         self._pending: dict[str, _Attempt] = {}
+        self._submitted_at: OrderedDict[str, float] = OrderedDict()  # for receipt times
+        self._receipt_clocks: dict[str, ReceiptClock] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._busy = 0
@@ -250,8 +269,11 @@ class SenderWorker:
         """Submit on the decision's carrier, report the result; retry a failure in the SLA."""
         job = a.job
         link = self.links.get(carrier)
-        with self._lock:
+        with self._lock:  # a receipt may beat submit_sm_resp: the earliest it can be is now
             self._pending[decision_id] = a
+            self._submitted_at[decision_id] = self.clock.now()
+            while len(self._submitted_at) > _SUBMIT_TIMES_KEPT:
+                self._submitted_at.popitem(last=False)
         if link is None:
             result = SubmitResult(False, (), -1, "NO_LINK", False, parts_count(job.text))
         else:
@@ -260,7 +282,7 @@ class SenderWorker:
         event = OutcomeEvent(
             decision_id,
             "submit",
-            status="ACCEPTED" if result.ok else (result.error or "ERROR"),
+            status=submit_status(result),
             error_code=None if result.ok else str(result.command_status),
             at=now,
         )
@@ -273,6 +295,7 @@ class SenderWorker:
             self._count("submit_failed")
             with self._lock:
                 self._pending.pop(decision_id, None)
+                self._submitted_at.pop(decision_id, None)
         self.reporter.report([event], done)
         if not result.ok:
             self._maybe_retry(a, decision_id, carrier, now)
@@ -290,6 +313,7 @@ class SenderWorker:
             attempt=a.attempt,
             parent_decision_id=a.parent,
             at=self.clock.now(),
+            idempotency_key=a.route_key,
         )
 
     def _route_many(self, attempts: list[_Attempt]) -> list[RouteDecision | None]:
@@ -369,7 +393,13 @@ class SenderWorker:
                 return
         self._count("receipts")
         now = self.clock.now()
-        at = receipt_time(receipt, now)
+        with self._lock:
+            submitted = self._submitted_at.get(decision_id)
+            if receipt.final:
+                self._submitted_at.pop(decision_id, None)
+            clock = self._receipt_clocks.setdefault(carrier, ReceiptClock())
+            placed = clock.place(receipt, now, submitted)
+        coarse = placed.coarse
         self.reporter.report(
             [
                 OutcomeEvent(
@@ -377,7 +407,11 @@ class SenderWorker:
                     "dlr",
                     status=receipt.status,
                     error_code=receipt.error_code,
-                    at=at,
+                    at=placed.at,
+                    at_earliest=placed.earliest if coarse else None,
+                    at_latest=placed.latest if coarse else None,
+                    source_at=placed.stated if placed.stated != placed.at else None,
+                    at_flag=placed.flag,
                 )
             ]
         )
@@ -387,6 +421,11 @@ class SenderWorker:
             a = self._pending.pop(decision_id, None)
         if a is not None and receipt.status != "DELIVRD":
             self._maybe_retry(a, decision_id, carrier, now)
+
+    def receipt_clock_offsets(self) -> dict[str, float]:
+        """Each carrier's estimated receipt clock offset in seconds (0: its clock is right)."""
+        with self._lock:
+            return {carrier: c.offset_s for carrier, c in self._receipt_clocks.items()}
 
     def awaiting_receipts(self) -> int:
         """Sent messages whose final receipt is still wanted (inside their SLA)."""

@@ -4,6 +4,11 @@ Jobs come from a Redis Stream (consumer group) when `--redis-url`/`REDIS_URL` is
 JSON lines on standard input (the process exits when the input ends and every job is sent).
 Carrier connections come from the catalog's `connection` settings, or from `--link` options.
 SIGTERM or Ctrl-C stops taking jobs, finishes those in hand and reports every outcome.
+
+Outcome events are recorded durably before they are acknowledged (`carriers/journal.py`): in
+Redis with `--redis-url`, else in a journal under `--data-dir`; what a dead worker recorded is
+posted by the next one. Events the router refuses go to the dead letters (`router deadletters`);
+a run that produced any exits with status 3.
 """
 
 from __future__ import annotations
@@ -17,20 +22,33 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
 
 from carriers.catalog import load_catalog
+from carriers.deadletters import (
+    DEAD_LETTER_FILE,
+    DeadLetterStore,
+    FileDeadLetters,
+    RedisDeadLetters,
+)
+from carriers.journal import DEFAULT_KEY, FileJournal, OutcomeJournal, RedisJournal
 from carriers.ledger import JobLedger, MemoryLedger, RedisLedger
 from carriers.queue import InProcessQueue, Job, MessageQueue, RedisStreamQueue
+from carriers.receipt_time import receipt_timezone
+from carriers.reporter import OutcomeReporter
 from carriers.smpp_client import SmppCarrier
 from carriers.worker import SenderWorker, WorkerOptions
+from carriers.worker_metrics import serve_metrics
 from router.client import RouterClient
 from router.config import DEFAULT_POLICY_FILE, load_config
 
 log = logging.getLogger("carriers.worker")
+
+EXIT_DEAD_LETTERS = 3  # the run ended normally but the router refused some outcomes
 
 
 @dataclass(frozen=True)
@@ -45,10 +63,11 @@ class LinkSettings:
     bind: str = "transceiver"
     window: int = 10
     max_tps: float | None = None
+    receipt_tz: str | None = None  # zone of the SMSC's receipt dates (IANA name or +HH:MM)
 
 
 def parse_link(spec: str) -> LinkSettings:
-    """`carrier=smpp://system_id:password@host:port[?bind=pair&window=10&tps=50]`."""
+    """`carrier=smpp://system_id:password@host:port[?bind=pair&window=10&tps=50&receipt_tz=…]`."""
     carrier, sep, url = spec.partition("=")
     parts = urlsplit(url)
     if not sep or not carrier or parts.scheme != "smpp" or not parts.hostname or not parts.port:
@@ -65,7 +84,17 @@ def parse_link(spec: str) -> LinkSettings:
         _bind(query.get("bind", "transceiver")),
         int(query.get("window", 10)),
         float(query["tps"]) if "tps" in query else None,
+        _zone(unquote(query["receipt_tz"])) if "receipt_tz" in query else None,
     )
+
+
+def _zone(name: str, where: str = "--link receipt_tz") -> str:
+    """A receipt zone name, checked now so a typo is an error at start, not a skewed clock."""
+    try:
+        receipt_timezone(name)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return name
 
 
 def _bind(value: str) -> str:
@@ -90,6 +119,9 @@ def links_from_catalog(path: str | None) -> dict[str, LinkSettings]:
             _bind(str(conn.get("bind", "transceiver"))),
             int(conn.get("window", 10)),
             carrier.throughput_mps,
+            _zone(str(conn["receipt_timezone"]), f"carrier {cid}: connection.receipt_timezone")
+            if "receipt_timezone" in conn
+            else None,
         )
     return out
 
@@ -115,6 +147,20 @@ def build_parser(sub: Any) -> None:
     p.add_argument(
         "--linger", type=float, default=10.0, help="stdin mode: seconds to await last receipts"
     )
+    p.add_argument(
+        "--data-dir",
+        default="data/worker",
+        help="without Redis: the outcome journal and dead letters (default data/worker)",
+    )
+    p.add_argument(
+        "--outcomes-key",
+        default=DEFAULT_KEY,
+        help=f"with Redis: key prefix of the outcome journal and dead letters ({DEFAULT_KEY})",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free)"
+    )
+    p.add_argument("--metrics-addr", default="0.0.0.0", help="address of the metrics server")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run_worker)
 
@@ -139,6 +185,8 @@ def run_worker(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     jobs: MessageQueue
     ledger: JobLedger
+    journal: OutcomeJournal
+    dead_letters: DeadLetterStore
     if args.redis_url:
         client = redis.Redis.from_url(args.redis_url, socket_timeout=10)
         jobs = RedisStreamQueue(
@@ -149,15 +197,29 @@ def run_worker(args: argparse.Namespace) -> int:
             client=client,
         )
         ledger = RedisLedger(client)
+        name = jobs.consumer
+        journal = RedisJournal(client, name, args.outcomes_key, claim_idle_s=args.claim_idle)
+        dead_letters = RedisDeadLetters(client, args.outcomes_key)
+        where = f"Redis {args.outcomes_key}:*"
     else:
         jobs, ledger = InProcessQueue(), MemoryLedger()
-    worker = SenderWorker(
-        RouterClient(args.router_url, timeout=30, headers=headers),
-        {},
-        jobs,
-        ledger=ledger,
-        options=options,
+        name = args.consumer or None
+        data_dir = Path(args.data_dir)
+        journal = FileJournal(data_dir / "journal", name)
+        dead_letters = FileDeadLetters(data_dir / DEAD_LETTER_FILE)
+        where = str(data_dir)
+    router = RouterClient(args.router_url, timeout=30, headers=headers)
+    reporter = OutcomeReporter(
+        router,
+        journal=journal,
+        dead_letters=dead_letters,
+        worker=name,
+        recover_every_s=max(1.0, args.claim_idle / 2),
     )
+    worker = SenderWorker(router, {}, jobs, ledger=ledger, options=options, reporter=reporter)
+    if args.metrics_port is not None:
+        port = serve_metrics(worker, args.metrics_port, args.metrics_addr)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_addr, port)
     for s in settings.values():
         link = SmppCarrier(
             s.carrier,
@@ -170,6 +232,7 @@ def run_worker(args: argparse.Namespace) -> int:
             max_tps=s.max_tps,
             on_receipt=worker.receipt_handler(s.carrier),
             resolve_unmatched=worker.receipt_resolver(s.carrier),
+            receipt_tz=receipt_timezone(s.receipt_tz),
         )
         try:
             link.start(timeout=10)
@@ -190,8 +253,27 @@ def run_worker(args: argparse.Namespace) -> int:
     worker.stop()
     for link in worker.links.values():
         link.close(timeout=10)
-    jobs.close()
     log.info("worker stopped: %s", vars(worker.stats) | vars(worker.reporter.stats))
+    dead = worker.reporter.stats.dead_letters
+    try:
+        stored = dead_letters.count()
+    except redis.RedisError:
+        stored = -1
+    jobs.close()
+    print(
+        f"router worker: {dead} dead letter(s) this run, {stored} in the store ({where})",
+        file=sys.stderr,
+    )
+    if dead:
+        log.error(
+            "the router refused %d outcome(s): kept as dead letters in %s; read them with "
+            "`router deadletters list`, post them again with `router deadletters replay`; "
+            "exit status %d",
+            dead,
+            where,
+            EXIT_DEAD_LETTERS,
+        )
+        return EXIT_DEAD_LETTERS
     return 0
 
 

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
@@ -21,7 +21,10 @@ from features import to_epoch
 from router.auth import Auth, Principal, open_auth
 from router.bodylimit import MAX_BODY_BYTES, BodySizeLimit
 from router.engine import OutcomeEvent, RouteDecision, RouteRequest
-from router.errors import RoutingError
+from router.errors import InvalidRequest, RoutingError
+from router.idempotency import FIELD as KEY_FIELD
+from router.idempotency import HEADER as KEY_HEADER
+from router.idempotency import KEY_RULE, check_key
 from router.redact import NoNumber
 from router.service import RouterService
 
@@ -36,6 +39,18 @@ def _not_bool(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
+
+
+def _key(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            check_key(value)
+        except InvalidRequest:
+            raise ValueError(f"must be {KEY_RULE}") from None
+    return value
+
+
+IdempotencyKey = Annotated[str, BeforeValidator(_key)]
 Number = Annotated[float, BeforeValidator(_not_bool)]
 
 
@@ -56,6 +71,15 @@ class RouteIn(_Body):
     attempt: Int = Field(1, ge=1, le=20)
     parent_decision_id: str | None = Field(None, pattern=_ID)
     at: AwareDatetime | None = Field(None, description="Event time (RFC 3339); default: now")
+    idempotency_key: IdempotencyKey | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
+        description="The same key (per tenant) gives the same decision, logged once, for the "
+        "class's DLR timeout (event time); with another request it is a 409 "
+        "idempotency_conflict. Or the Idempotency-Key header (on /v1/route)",
+    )
 
     def to_request(self) -> RouteRequest:
         """The engine's request."""
@@ -70,6 +94,7 @@ class RouteIn(_Body):
             self.attempt,
             self.parent_decision_id,
             _epoch(self.at),
+            self.idempotency_key,
         )
 
 
@@ -124,7 +149,23 @@ class OutcomeIn(_Body):
     error_code: NoNumber | None = Field(None, max_length=32)
     cost: Number | None = Field(None, ge=0, le=1000, allow_inf_nan=False)
     currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
-    at: AwareDatetime | None = None
+    at: AwareDatetime | None = Field(
+        None,
+        description="Event time (RFC 3339); default: now. Never refused for its value: one "
+        "before the decision or past the router's clock is clamped and flagged (at_flag)",
+    )
+    at_earliest: AwareDatetime | None = Field(
+        None, description="With at_latest: a coarse time (a receipt with minute precision)"
+    )
+    at_latest: AwareDatetime | None = None
+    source_at: AwareDatetime | None = Field(
+        None, description="The time as the carrier stated it, before the sender adjusted it"
+    )
+    at_flag: str | None = Field(
+        None,
+        pattern=r"^[a-z_]{1,24}(,[a-z_]{1,24}){0,7}$",
+        description="How the sender adjusted `at`: coarse, clock_offset, no_date, clamped",
+    )
 
     def to_event(self) -> OutcomeEvent:
         """The engine's event."""
@@ -136,6 +177,10 @@ class OutcomeIn(_Body):
             self.cost,
             self.currency,
             _epoch(self.at),
+            _epoch(self.at_earliest),
+            _epoch(self.at_latest),
+            _epoch(self.source_at),
+            self.at_flag,
         )
 
 
@@ -261,8 +306,10 @@ def create_app(
         return _error(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         engine.metrics.rejected.labels("invalid_request").inc()
+        if request.url.path == "/v1/outcomes":
+            engine.metrics.outcomes_refused.labels("invalid_request").inc()
         return _validation_message(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -279,12 +326,50 @@ def create_app(
         s: {"model": ErrorOut} for s in (400, 401, 403, 404, 413, 422, 429)
     }
 
-    @app.post("/v1/route", response_model=RouteOut, responses=errors, tags=["routing"])
-    async def route(body: RouteIn, who: Principal = caller) -> Response:
-        """Choose a carrier for one message."""
+    route_errors: dict[int | str, dict[str, Any]] = {
+        **errors,
+        409: {"model": ErrorOut, "description": "idempotency key used for another request"},
+        503: {"model": ErrorOut, "description": "idempotency key held by a replica: retry"},
+    }
+    key_header = Header(
+        None,
+        alias=KEY_HEADER,
+        description=f"Idempotency key ({KEY_RULE}); the same key (per tenant) gives the same "
+        "decision. Or the body's idempotency_key (if both: the same)",
+    )
+
+    def _rejected(exc: RoutingError) -> RoutingError:
+        engine.metrics.rejected.labels(exc.code).inc()
+        return exc
+
+    @app.post("/v1/route", response_model=RouteOut, responses=route_errors, tags=["routing"])
+    async def route(
+        body: RouteIn, who: Principal = caller, header_key: str | None = key_header
+    ) -> Response:
+        """Choose a carrier for one message; with an idempotency key, a repeat gets the same
+        decision (nothing new logged)."""
         req = body.to_request()
         req = dataclasses.replace(req, tenant=who.tenant_for(req.tenant))
-        return _json(engine.route(req).to_dict())
+        if header_key is not None:
+            try:
+                check_key(header_key, KEY_HEADER)
+            except InvalidRequest as exc:
+                raise _rejected(exc) from None
+            if req.idempotency_key not in (None, header_key):
+                raise _rejected(
+                    InvalidRequest(
+                        f"the {KEY_HEADER} header and the {KEY_FIELD} field differ: send one "
+                        "of them, or the same key in both",
+                        field=KEY_FIELD,
+                    )
+                )
+            req = dataclasses.replace(req, idempotency_key=header_key)
+        if service.shared is not None and req.idempotency_key is not None:
+            # the key is shared through Redis: off the event loop, so decisions do not wait
+            decision = await run_in_threadpool(service.route, req)
+        else:
+            decision = engine.route(req)
+        return _json(decision.to_dict())
 
     @app.post(
         "/v1/route/batch",
@@ -293,16 +378,28 @@ def create_app(
         tags=["routing"],
     )
     async def route_batch(
+        request: Request,
         body: Annotated[list[RouteIn], Field(min_length=1, max_length=MAX_BATCH)],
         who: Principal = caller,
     ) -> Response:
-        """Route up to 1000 messages; each answer is a decision or that message's error."""
+        """Route up to 1000 messages; each answer is a decision or that message's error. Each
+        item may carry its own idempotency_key."""
+        if KEY_HEADER in request.headers:
+            raise _rejected(
+                InvalidRequest(
+                    f"a batch takes no {KEY_HEADER} header: give each message its own {KEY_FIELD}",
+                    field=KEY_HEADER,
+                )
+            )
         reqs = [r.to_request() for r in body]
         reqs = [
             dataclasses.replace(r, tenant=who.tenant_for(r.tenant, f"[{i}].tenant"))
             for i, r in enumerate(reqs)
         ]
-        answers = engine.route_batch(reqs)
+        if service.shared is not None and any(r.idempotency_key for r in reqs):
+            answers = await run_in_threadpool(service.route_batch, reqs)
+        else:
+            answers = engine.route_batch(reqs)
         return _json(
             [
                 a.to_dict() if isinstance(a, RouteDecision) else {"error": a.to_dict()}
@@ -318,10 +415,14 @@ def create_app(
         """Report submit results, receipts and conversions: one event or a list, all-or-nothing.
         A tenant's key reaches only that tenant's decisions (others' are unknown to it)."""
         events = [e.to_event() for e in (body if isinstance(body, list) else [body])]
-        if service.shared is None:
-            results = engine.record_outcomes(events, tenant=who.tenant)
-        else:  # may wait on Redis: off the event loop, so decisions do not wait with it
-            results = await run_in_threadpool(service.record_outcomes, events, who.tenant)
+        try:
+            if service.shared is None:
+                results = engine.record_outcomes(events, tenant=who.tenant)
+            else:  # may wait on Redis: off the event loop, so decisions do not wait with it
+                results = await run_in_threadpool(service.record_outcomes, events, who.tenant)
+        except RoutingError as exc:
+            engine.metrics.outcomes_refused.labels(exc.code).inc()
+            raise
         return _json(
             {
                 "recorded": results.count("recorded"),

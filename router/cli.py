@@ -236,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     add_keys_parser(sub)
 
+    from carriers.deadletters_main import build_parser as deadletters_parser
     from carriers.worker_main import build_parser as worker_parser
 
     worker_parser(sub)
+    deadletters_parser(sub)
     demo = sub.add_parser("demo", help="router + simulated carriers + sender workers")
     demo.add_argument("--scenario", default="demo", help="a shipped scenario name or a file")
     demo.add_argument("--workers", type=int, default=2, help="sender workers (each binds)")

@@ -12,6 +12,7 @@ from features import from_epoch, to_epoch
 from router.engine import OutcomeEvent, RouteDecision, RouteRequest
 from router.errors import (
     Forbidden,
+    IdempotencyConflict,
     InvalidRequest,
     NoEligibleCarrier,
     RoutingError,
@@ -21,14 +22,24 @@ from router.errors import (
 
 _ERRORS: dict[str, type[RoutingError]] = {
     cls.code: cls
-    for cls in (InvalidRequest, NoEligibleCarrier, UnknownDecision, UnknownCarrier, Forbidden)
+    for cls in (
+        InvalidRequest,
+        NoEligibleCarrier,
+        UnknownDecision,
+        UnknownCarrier,
+        Forbidden,
+        IdempotencyConflict,
+    )
 }
 
 
 def _error(body: dict[str, Any]) -> RoutingError:
     err = body.get("error", {})
     cls = _ERRORS.get(err.get("code", ""), RoutingError)
-    return cls(err.get("message", "error"), err.get("field"), err.get("details"))
+    exc = cls(err.get("message", "error"), err.get("field"), err.get("details"))
+    if isinstance(err.get("code"), str) and err["code"] != exc.code:
+        exc.code = err["code"]  # the router's own code (unauthorized, …), for dead letters
+    return exc
 
 
 def _request_json(r: RouteRequest) -> dict[str, Any]:
@@ -49,6 +60,8 @@ def _request_json(r: RouteRequest) -> dict[str, Any]:
         body["parent_decision_id"] = r.parent_decision_id
     if r.at is not None:
         body["at"] = from_epoch(r.at).isoformat()
+    if r.idempotency_key is not None:  # a repeat (a retry after a timeout) gets the same decision
+        body["idempotency_key"] = r.idempotency_key
     return body
 
 
@@ -66,12 +79,14 @@ def _decision(d: dict[str, Any]) -> RouteDecision:
 
 def _event_json(e: OutcomeEvent) -> dict[str, Any]:
     body: dict[str, Any] = {"decision_id": e.decision_id, "event": e.event}
-    for name in ("status", "error_code", "cost", "currency"):
+    for name in ("status", "error_code", "cost", "currency", "at_flag"):
         value = getattr(e, name)
         if value is not None:
             body[name] = value
-    if e.at is not None:
-        body["at"] = from_epoch(e.at).isoformat()
+    for name in ("at", "at_earliest", "at_latest", "source_at"):
+        value = getattr(e, name)
+        if value is not None:
+            body[name] = from_epoch(value).isoformat()
     return body
 
 

@@ -80,6 +80,11 @@ OUTCOME_SCHEMA = pa.schema(
         pa.field("latency_ms", pa.int64()),
         pa.field("carrier", pa.string(), nullable=False),
         pa.field("tenant", pa.string(), nullable=False),
+        # How the event time was derived (added 2026-12; older segments read them as null):
+        pa.field("at_source", _UTC_US),  # the time as the sender/carrier stated it, if adjusted
+        pa.field("at_flag", pa.string()),  # comma-separated words, see router.engine.TIME_FLAGS
+        pa.field("latency_min_ms", pa.int64()),  # a coarse time's interval (minute precision)
+        pa.field("latency_max_ms", pa.int64()),
     ]
 )
 
@@ -370,12 +375,20 @@ def iter_segments(directory: Path, stream: str) -> Iterator[Path]:
     yield from sorted((Path(directory) / stream).glob("*.parquet"))
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A segment's table in `schema`: nullable columns it predates are added as nulls."""
+    for field in schema:
+        if field.name not in table.column_names and field.nullable:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
+
+
 def read_stream(directory: Path, stream: str, schema: pa.Schema) -> pa.Table:
     """All segments of a stream as one table; an empty table with the schema when none."""
     tables = []
     for path in iter_segments(directory, stream):
         with pq.ParquetFile(path) as segment:
-            tables.append(segment.read().cast(schema))
+            tables.append(conform(segment.read(), schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 

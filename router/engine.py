@@ -7,6 +7,7 @@ HTTP; `router.api` serves it and the simulator drives it directly.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -41,18 +42,28 @@ from router.errors import (
     UnknownCarrier,
     UnknownDecision,
 )
+from router.idempotency import (
+    Claim,
+    IdempotencyKeys,
+    check_key,
+    normalized_number,
+    request_digest,
+    stored_key,
+)
 from router.inflight import (
     DEADLINE,
     DLR_STATUSES,
     FINAL_DLR,
     INTERMEDIATE_DLR,
     STALE,
+    SUBMIT_FAILURE_WORDS,
     SUBMIT_OK,
     TIMEOUT,
     TRUTH,
     InFlight,
     RecentDecisions,
     Timers,
+    submit_accepted,
 )
 from router.metrics import EngineMetrics
 
@@ -79,6 +90,7 @@ class RouteRequest:
     attempt: int = 1
     parent_decision_id: str | None = None
     at: float | None = None
+    idempotency_key: str | None = None  # same key (per tenant), same decision: see idempotency
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +129,24 @@ class OutcomeEvent:
     cost: float | None = None
     currency: str | None = None
     at: float | None = None
+    at_earliest: float | None = None  # a coarse time: the event lies in [at_earliest, at_latest]
+    at_latest: float | None = None
+    source_at: float | None = None  # the time as the carrier stated it, before any adjustment
+    at_flag: str | None = None  # how the time was adjusted: comma-separated words (TIME_FLAGS)
+
+
+# Why an outcome's time was adjusted; senders may set the first ones, the router adds the rest.
+TIME_FLAGS = frozenset(
+    {
+        "coarse",  # the carrier's time has minute precision: an interval, not a point
+        "clock_offset",  # corrected by the carrier clock's estimated offset or time zone
+        "no_date",  # the receipt had no usable date: the time it arrived
+        "clamped",  # moved into [submit, arrival] by the sender
+        "before_decision",  # the router moved it up to the decision's time
+        "future",  # the router moved it back to its own clock (plus the accepted skew)
+        "implausible",  # before 2000: the router used the decision's time
+    }
+)
 
 
 @dataclass(slots=True)
@@ -157,6 +187,7 @@ class EngineOptions:
     wall_clock: Callable[[], float] = time.time
     replica: str = ""  # this replica's name when replicas share state ("" when embedded)
     id_seed: int | None = None  # seed of decision ids (default: the policy seed)
+    idempotency_capacity: int = 100_000  # route idempotency keys held locally
 
 
 class RoutingEngine:
@@ -194,6 +225,7 @@ class RoutingEngine:
         self._lock = threading.RLock()
         self._currency = self.options.currency or catalog.currency
         self.metrics.pending.set_function(lambda: len(self.inflight))
+        self.idempotency = IdempotencyKeys(self.options.idempotency_capacity, self.metrics.registry)
 
     # ---- identity --------------------------------------------------------------------------
 
@@ -247,16 +279,69 @@ class RoutingEngine:
     # ---- routing ---------------------------------------------------------------------------
 
     def route(self, req: RouteRequest) -> RouteDecision:
-        """Choose a carrier for one message, log the decision and start waiting for its outcome."""
+        """Choose a carrier for one message, log the decision and start waiting for its outcome.
+
+        With an idempotency key that is still live for the tenant, the decision answered under
+        it is returned again: nothing is logged, tracked, consumed or counted as a decision; the
+        key with a different request is an `IdempotencyConflict`."""
         with self._lock:
             t0 = time.perf_counter()
             try:
-                decision = self._route(req)
+                if req.idempotency_key is None:
+                    decision = self._route(req)
+                else:
+                    claim = self._claim(req)
+                    known = self.idempotency.get(claim, self.clock)
+                    if known is not None:
+                        return known
+                    decision = self._route(req)
+                    self.idempotency.put(claim, decision)
             except RoutingError as exc:
                 self.metrics.rejected.labels(exc.code).inc()
                 raise
             self.metrics.latency.observe(time.perf_counter() - t0)
             return decision
+
+    def idempotency_lookup(self, req: RouteRequest) -> tuple[Claim, RouteDecision | None]:
+        """A keyed request checked (key, time, tenant, class) and its key's decision held here,
+        if any (replicas look in Redis when this has none); errors are counted as rejected."""
+        with self._lock:
+            try:
+                claim = self._claim(req)
+                return claim, self.idempotency.get(claim, self.clock)
+            except RoutingError as exc:
+                self.metrics.rejected.labels(exc.code).inc()
+                raise
+
+    def remember_idempotent(self, claim: Claim, decision: RouteDecision) -> None:
+        """Hold a decision another replica answered under this key (a replay here: it is not
+        counted as a decision)."""
+        with self._lock:
+            self.idempotency.requests.labels("replayed").inc()
+            self.idempotency.put(claim, decision, new=False)
+
+    def _claim(self, req: RouteRequest) -> Claim:
+        """What identifies a keyed request: tenant, key, a digest of the request (the number
+        only as its keyed HMAC; not `at`: a retried call comes later) and the key's lifetime
+        (the class's DLR timeout, event time)."""
+        key = stored_key(check_key(req.idempotency_key), self.options.hmac_key)
+        now = self._event_time(req.at)
+        tenant = self._tenant(req.tenant)
+        mc = self.message_class(req.message_class)
+        digest = request_digest(
+            (
+                tenant.id,
+                mc.name,
+                req.sender_type,
+                req.segments,
+                req.mccmnc,
+                tuple(sorted(set(req.exclude))),
+                req.attempt,
+                req.parent_decision_id,
+                msisdn_hmac(normalized_number(req.to), self.options.hmac_key),
+            )
+        )
+        return Claim(tenant.id, key, digest, now, mc.dlr_timeout_seconds)
 
     def route_batch(self, reqs: Sequence[RouteRequest]) -> list[RouteDecision | RoutingError]:
         """Route many messages; each answer is a decision or the error for that message."""
@@ -526,14 +611,59 @@ class RoutingEngine:
                 "a dlr needs status, one of " + ", ".join(sorted(DLR_STATUSES)),
                 field=f"{prefix}status",
             )
+        if ev.event == "submit" and submit_accepted((ev.status or "").upper() or None) is None:
+            raise InvalidRequest(
+                "a submit status is one of " + ", ".join(sorted(SUBMIT_OK)) + " (accepted), or "
+                "an SMPP command_status name (ESME_R…) or number, or one of "
+                + ", ".join(sorted(SUBMIT_FAILURE_WORDS))
+                + " (failed); receipt words such as ACCEPTD go in a dlr event",
+                field=f"{prefix}status",
+            )
         if ev.cost is not None and not ev.cost >= 0:
             raise InvalidRequest("cost must be a number >= 0", field=f"{prefix}cost")
-        at = self._event_time(ev.at, f"{prefix}at")
-        if at < flight.at - self.options.max_past_outcome_skew_seconds:
+        if ev.at_flag is not None and not set(ev.at_flag.split(",")) <= TIME_FLAGS:
             raise InvalidRequest(
-                f"outcome is {flight.at - at:.1f} s before its decision", field=f"{prefix}at"
+                "at_flag is a comma-separated list of " + ", ".join(sorted(TIME_FLAGS)),
+                field=f"{prefix}at_flag",
             )
-        return flight, ev, max(at, flight.at)
+        ev = self._outcome_time(flight, ev)
+        return flight, ev, ev.at  # type: ignore[return-value]
+
+    def _outcome_time(self, flight: InFlight, ev: OutcomeEvent) -> OutcomeEvent:
+        """The event with its time placed where it can be: never before its decision, never
+        past this router's clock plus the accepted skew. An outcome is never refused for its
+        time (a carrier's clock is not the sender's fault); the adjustment is flagged, counted,
+        and the time as stated kept in `source_at`. A coarse interval is clipped the same way."""
+        wall = self.options.wall_clock()
+        skew = self.options.max_future_skew_seconds
+        latest = wall + skew if skew is not None else float("inf")
+        flags = [f for f in (ev.at_flag or "").split(",") if f]
+        at = wall if ev.at is None else ev.at
+        if not at >= EARLIEST_EVENT:
+            at, flags = flight.at, [*flags, "implausible"]
+        elif at < flight.at - self.options.max_past_outcome_skew_seconds:
+            at, flags = flight.at, [*flags, "before_decision"]
+        elif at > latest:
+            at, flags = max(wall, flight.at), [*flags, "future"]
+        at = max(at, flight.at)
+        low, high = ev.at_earliest, ev.at_latest
+        if low is not None and high is not None:
+            low, high = max(low, flight.at), min(high, latest)
+            if not low <= at <= high:
+                low = high = None
+        else:
+            low = high = None
+        source = ev.source_at
+        if source is None and ev.at is not None and at != ev.at:
+            source = ev.at
+        return dataclasses.replace(
+            ev,
+            at=at,
+            at_earliest=low,
+            at_latest=high,
+            source_at=source,
+            at_flag=",".join(dict.fromkeys(flags)) or None,
+        )
 
     def _apply(self, flight: InFlight, ev: OutcomeEvent, at: float, persist: bool = True) -> str:
         self.advance(at)
@@ -550,12 +680,12 @@ class RoutingEngine:
             cost = self._on_submit(flight, status, cost, at)
             status = status or "ACCEPTED"
         elif ev.event == "dlr":
-            cost = self._on_dlr(flight, status, cost, at, mc)
+            cost = self._on_dlr(flight, status, cost, at, mc, ev)
         else:
             self._on_conversion(flight, at)
         latency_ms = round((at - flight.at) * 1000)
         self._log_outcome(
-            flight, ev.event, at, status, ev.error_code, cost, ev.currency, latency_ms, persist
+            flight, ev.event, at, status, ev.error_code, cost, ev.currency, latency_ms, persist, ev
         )
         if not closed:
             self._maybe_close(flight, mc)
@@ -564,7 +694,7 @@ class RoutingEngine:
     def _on_submit(
         self, flight: InFlight, status: str | None, cost: float | None, at: float
     ) -> float | None:
-        ok = status is None or status in SUBMIT_OK
+        ok = bool(submit_accepted(status))
         if not ok:
             if flight.final_status is None:
                 flight.final_status = "SUBMIT_FAILED"
@@ -574,7 +704,13 @@ class RoutingEngine:
         return cost
 
     def _on_dlr(
-        self, flight: InFlight, status: str | None, cost: float | None, at: float, mc: MessageClass
+        self,
+        flight: InFlight,
+        status: str | None,
+        cost: float | None,
+        at: float,
+        mc: MessageClass,
+        ev: OutcomeEvent,
     ) -> float | None:
         if status not in FINAL_DLR:
             return cost
@@ -584,8 +720,13 @@ class RoutingEngine:
         if delivered:
             flight.delivered_at = at
             latency = at - flight.at
-            within = latency <= mc.sla_seconds
-            self._learn(flight, within, at, latency if within else None)
+            within = within_sla(
+                latency,
+                mc.sla_seconds,
+                None if ev.at_earliest is None else ev.at_earliest - flight.at,
+                None if ev.at_latest is None else ev.at_latest - flight.at,
+            )
+            self._learn(flight, within, at, latency if within > 0 else None)
             self._track_truth(flight, mc)
             if cost is None and flight.billing_on_delivery:
                 cost = flight.unit_price * flight.segments
@@ -598,7 +739,9 @@ class RoutingEngine:
         flight.converted = True
         self._learn(flight, True, at, None)
 
-    def _learn(self, flight: InFlight, success: bool, at: float, latency: float | None) -> None:
+    def _learn(
+        self, flight: InFlight, success: bool | float, at: float, latency: float | None
+    ) -> None:
         if flight.learner_done:
             return
         flight.learner_done = True
@@ -611,15 +754,15 @@ class RoutingEngine:
         quick = not success and at - flight.at < sla
         self.model.update(Observation(flight.carrier, flight.key, success, at, latency, quick))
         self.stats.learned += 1
-        self.stats.learned_success += int(success)
-        result = "success" if success else "failure"
+        self.stats.learned_success += float(success)
+        result = "success" if success >= 0.5 else "failure"
         self.metrics.child(self.metrics.learned, flight.carrier, result).inc()
 
     def _check_change(self, flight: InFlight, due: float) -> None:
         if flight.change_checked:
             return
         flight.change_checked = True
-        obs = Observation(flight.carrier, flight.key, bool(flight.learner_success), due)
+        obs = Observation(flight.carrier, flight.key, float(flight.learner_success or 0.0), due)
         if self.model.check_change(obs, flight.at):
             self.stats.alarms += 1
             self.metrics.alarms.labels(flight.carrier, flight.key.country).inc()
@@ -679,7 +822,9 @@ class RoutingEngine:
         currency: str | None,
         latency_ms: int | None,
         persist: bool = True,
+        ev: OutcomeEvent | None = None,
     ) -> None:
+        flag = ev.at_flag if ev is not None else None
         row = {
             "decision_id": flight.decision_id,
             "at": from_epoch(at),
@@ -691,10 +836,29 @@ class RoutingEngine:
             "latency_ms": latency_ms,
             "carrier": flight.carrier,
             "tenant": flight.tenant,
+            "at_source": None,
+            "at_flag": flag,
+            "latency_min_ms": None,
+            "latency_max_ms": None,
         }
-        flight.events.append({**row, "at": row["at"].isoformat()})
+        if ev is not None:
+            if ev.source_at is not None:
+                row["at_source"] = from_epoch(ev.source_at)
+            if ev.at_earliest is not None and ev.at_latest is not None:
+                row["latency_min_ms"] = round((ev.at_earliest - flight.at) * 1000)
+                row["latency_max_ms"] = round((ev.at_latest - flight.at) * 1000)
+        flight.events.append(
+            {
+                **row,
+                "at": row["at"].isoformat(),
+                "at_source": row["at_source"] and row["at_source"].isoformat(),
+            }
+        )
         if not persist:
             return
+        for word in (flag or "").split(","):
+            if word:
+                self.metrics.child(self.metrics.time_adjusted, word).inc()
         if cost:
             self.stats.spend += cost
             self.metrics.child(self.metrics.spend, flight.carrier, row["currency"]).inc(cost)
@@ -815,6 +979,7 @@ class RoutingEngine:
                 "inflight": [f.to_state() for f in self.inflight.values()],
                 "recent": [f.to_state() for f in self.recent.values()[-20_000:]],
                 "stats": {k: getattr(self.stats, k) for k in self.stats.__slots__},
+                "idempotency": self.idempotency.state(),
             }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -842,6 +1007,18 @@ class RoutingEngine:
                 self._track_truth(flight, mc)
             for cid in self.eligibility.paused:
                 self.metrics.paused.labels(cid).set(1)
+            self.idempotency.load(state.get("idempotency", []), self.clock)
+
+
+def within_sla(
+    latency: float, sla: float, low: float | None = None, high: float | None = None
+) -> bool | float:
+    """Whether a delivery's latency is within the SLA; for a coarse time known only
+    to lie in [low, high] (a receipt with minute precision), the share of that interval within
+    the SLA, so that coarse receipts neither flatter nor punish a carrier on average."""
+    if low is None or high is None or high - low < 1.0:
+        return latency <= sla
+    return min(1.0, max(0.0, (sla - low) / (high - low)))
 
 
 def outcome_signature(event: str, status: str | None) -> str:

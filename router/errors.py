@@ -59,6 +59,21 @@ class UnknownDecision(RoutingError):
     code = "unknown_decision"
 
 
+class IdempotencyConflict(RoutingError):
+    """An idempotency key reused, while it lives, for a different request."""
+
+    status = 409
+    code = "idempotency_conflict"
+
+
+class IdempotencyInProgress(RoutingError):
+    """Another replica holds this idempotency key and has not answered yet: retry shortly."""
+
+    status = 503
+    code = "idempotency_in_progress"
+    headers: Mapping[str, str] = MappingProxyType({"Retry-After": "1"})
+
+
 class UnknownCarrier(RoutingError):
     """A carrier id that is not in the catalog."""
 

@@ -28,6 +28,18 @@ class EngineMetrics:
         self.duplicates = Counter(
             "router_outcome_duplicates_total", "Outcome events ignored as repeats", registry=r
         )
+        self.outcomes_refused = Counter(
+            "router_outcomes_refused_total",
+            "Outcome requests refused (4xx, nothing applied; senders keep them as dead letters)",
+            ["code"],
+            registry=r,
+        )
+        self.time_adjusted = Counter(
+            "router_outcome_time_adjusted_total",
+            "Outcome events recorded with their time adjusted (by the sender or here), by flag",
+            ["flag"],
+            registry=r,
+        )
         self.learned = Counter(
             "router_learner_updates_total",
             "Final answers given to the learner",

@@ -43,6 +43,47 @@ if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) 
 return out
 """
 
+# Route idempotency keys (`<prefix>:idem:<tenant>:<key>`, a hash: request digest `h`, expiry in
+# event time `e`, holder `o`, decision `d` once answered). Reserve: a live key's digest, expiry
+# and decision (nil while its holder is still deciding) are returned; else it is taken.
+_RESERVE_KEY = """
+local cur = redis.call('HMGET', KEYS[1], 'h', 'e', 'd')
+if cur[1] and tonumber(cur[2]) > tonumber(ARGV[2]) then return {cur[1], cur[2], cur[3]} end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'h', ARGV[1], 'e', ARGV[3], 'o', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 0
+"""
+
+# The holder's decision under its key (or, with an empty decision, the key given back).
+_FINISH_KEY = """
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) return 1 end
+redis.call('HSET', KEYS[1], 'd', ARGV[2], 'e', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# A decision made under a key while Redis was away: stored unless the key is live already.
+_PUT_KEY = """
+local cur = redis.call('HMGET', KEYS[1], 'h', 'e')
+if cur[1] and tonumber(cur[2]) > tonumber(ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'h', ARGV[1], 'e', ARGV[3], 'd', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldKey:
+    """A live idempotency key found in Redis: its request digest, its expiry (event time) and
+    its decision (None while the replica holding it is still deciding)."""
+
+    digest: str
+    expires: float
+    decision: bytes | None
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -91,6 +132,9 @@ class RedisBus:
         self.shards = shards
         self._decision = client.register_script(_PUBLISH_DECISION)
         self._outcomes = client.register_script(_PUBLISH_OUTCOMES)
+        self._reserve_key = client.register_script(_RESERVE_KEY)
+        self._finish_key = client.register_script(_FINISH_KEY)
+        self._put_key = client.register_script(_PUT_KEY)
 
     # ---- keys ------------------------------------------------------------------------------
 
@@ -142,7 +186,13 @@ class RedisBus:
 
     def load_scripts(self) -> None:
         """Load the Lua scripts (on every primary of a cluster)."""
-        for script in (self._decision, self._outcomes):
+        for script in (
+            self._decision,
+            self._outcomes,
+            self._reserve_key,
+            self._finish_key,
+            self._put_key,
+        ):
             script.sha = self.client.script_load(script.script)
 
     def _publish(
@@ -187,6 +237,89 @@ class RedisBus:
         for did in ids:
             pipe.hget(self.record_key(did), "r")
         return {did: row for did, row in zip(ids, pipe.execute(), strict=True) if row}
+
+    # ---- idempotency keys of route requests ------------------------------------------------
+
+    def key_name(self, tenant: str, key: str) -> str:
+        """The Redis key of a tenant's idempotency key (tenant ids hold no ':')."""
+        return f"{self.prefix}:idem:{tenant}:{key}"
+
+    def reserve_keys(
+        self, items: Sequence[tuple[str, str, str, float, float, str]], pending_ms: int
+    ) -> list[HeldKey | None]:
+        """Per (tenant, key, digest, now, expires, holder): None if this holder now holds the
+        key (absent, or expired at `now`, event time) for `pending_ms`, else the live key."""
+        answers = self._eval(
+            [
+                (
+                    self._reserve_key,
+                    self.key_name(tenant, key),
+                    (digest, repr(now), repr(expires), holder, pending_ms),
+                )
+                for tenant, key, digest, now, expires, holder in items
+            ]
+        )
+        return [
+            None
+            if not isinstance(a, list)
+            else HeldKey(a[0].decode(), float(a[1]), a[2] if a[2] else None)
+            for a in answers
+        ]
+
+    def finish_keys(
+        self, items: Sequence[tuple[str, str, str, bytes, float]], ttl_ms: int
+    ) -> list[bool]:
+        """Per (tenant, key, holder, decision, expires): store the holder's decision under its
+        key (an empty decision gives the key back); False if the holder lost it meanwhile."""
+        answers = self._eval(
+            [
+                (self._finish_key, self.key_name(t, k), (holder, body, repr(expires), ttl_ms))
+                for t, k, holder, body, expires in items
+            ]
+        )
+        return [bool(a) for a in answers]
+
+    def put_keys(
+        self, items: Sequence[tuple[str, str, str, float, float, bytes]], ttl_ms: int
+    ) -> list[bool]:
+        """Per (tenant, key, digest, at, expires, decision) made while Redis was away: stored
+        unless the key is live in Redis already (another replica's answer stands there)."""
+        answers = self._eval(
+            [
+                (self._put_key, self.key_name(t, k), (digest, repr(at), repr(exp), body, ttl_ms))
+                for t, k, digest, at, exp, body in items
+            ]
+        )
+        return [bool(a) for a in answers]
+
+    def _eval(self, calls: Sequence[tuple[Any, str, tuple[Any, ...]]]) -> list[Any]:
+        """Run one-key scripts, one pipeline per node; reload the scripts once if Redis lost
+        them; raises the first error."""
+        answers = self._eval_once(calls, range(len(calls)))
+        missing = [i for i, a in enumerate(answers) if isinstance(a, NoScriptError)]
+        if missing:
+            self.load_scripts()
+            for i, answer in zip(missing, self._eval_once(calls, missing), strict=True):
+                answers[i] = answer
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return answers
+
+    def _eval_once(
+        self, calls: Sequence[tuple[Any, str, tuple[Any, ...]]], which: Sequence[int]
+    ) -> list[Any]:
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for i in which:
+            node = self._node(calls[i][1])
+            groups.setdefault(id(node), (node.pipeline(transaction=False), []))[1].append(i)
+        answers: dict[int, Any] = {}
+        for pipe, items in groups.values():
+            for i in items:
+                script, key, args = calls[i]
+                pipe.evalsha(script.sha, 1, key, *args)
+            answers.update(zip(items, pipe.execute(raise_on_error=False), strict=True))
+        return [answers[i] for i in which]
 
     # ---- reading ---------------------------------------------------------------------------
 

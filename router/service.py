@@ -12,7 +12,8 @@ from pathlib import Path
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
 from router.config import DEFAULT_POLICY_FILE, load_config
 from router.decision_log import DecisionLog
-from router.engine import EngineOptions, OutcomeEvent, RoutingEngine
+from router.engine import EngineOptions, OutcomeEvent, RouteDecision, RouteRequest, RoutingEngine
+from router.errors import RoutingError
 from router.shared_state import SharedSettings, SharedState
 from router.snapshot import read_snapshot, write_snapshot
 from router.tracking import ServingRun, default_artifact_location, default_tracking_uri
@@ -127,6 +128,22 @@ class RouterService:
         self.log.log_decision(row)
         if self.shared is not None:
             self.shared.on_decision(row)
+
+    def route(self, req: RouteRequest) -> RouteDecision:
+        """One decision; a keyed request goes through the shared state (the key is shared by
+        the replicas), any other straight to the engine (no Redis on its path)."""
+        if self.shared is not None and req.idempotency_key is not None:
+            answer = self.shared.route_batch([req])[0]
+            if isinstance(answer, RoutingError):
+                raise answer
+            return answer
+        return self.engine.route(req)
+
+    def route_batch(self, reqs: list[RouteRequest]) -> list[RouteDecision | RoutingError]:
+        """Decisions (or per-message errors); keyed requests as in `route`."""
+        if self.shared is not None and any(r.idempotency_key for r in reqs):
+            return self.shared.route_batch(reqs)
+        return self.engine.route_batch(reqs)
 
     def record_outcomes(self, events: list[OutcomeEvent], tenant: str | None = None) -> list[str]:
         """Accept outcome events: on the engine, or through the shared state with replicas."""

@@ -20,7 +20,8 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,21 @@ import orjson
 import redis
 from prometheus_client import Counter, Gauge, Histogram
 
-from router.engine import CheckedOutcome, OutcomeEvent, RoutingEngine, outcome_signature
-from router.errors import RoutingError, SharedStateUnavailable, UnknownDecision
+from router.engine import (
+    CheckedOutcome,
+    OutcomeEvent,
+    RouteDecision,
+    RouteRequest,
+    RoutingEngine,
+    outcome_signature,
+)
+from router.errors import (
+    IdempotencyInProgress,
+    RoutingError,
+    SharedStateUnavailable,
+    UnknownDecision,
+)
+from router.idempotency import Claim, conflict, decision_from_dict, decision_to_dict
 from router.outbox import Item, Outbox
 from router.redis_bus import Entry, RedisBus, connect
 from router.snapshot import read_snapshot, write_snapshot
@@ -55,6 +69,8 @@ class SharedSettings:
     retention_seconds: float = 600.0
     decision_wait_seconds: float = 1.0
     catch_up_seconds: float = 30.0
+    key_hold_seconds: float = 10.0  # a route idempotency key held while its decision is made
+    unshared_keys: int = 100_000  # keys answered while Redis was away, published on its return
 
 
 class SharedMetrics:
@@ -112,6 +128,9 @@ class SharedState:
         self._ttl_ms = 0
         self._check_gap = True
         self.lag_seconds = 0.0  # Redis time to applied here, of the last other replica's event
+        # route idempotency keys answered while Redis was away: (claim, decision), to publish
+        self._unshared: deque[tuple[Claim, RouteDecision]] = deque(maxlen=s.unshared_keys)
+        self._unshared_lock = threading.Lock()
 
     # ---- start and stop --------------------------------------------------------------------
 
@@ -195,6 +214,9 @@ class SharedState:
             "replica": self.replica,
             "learned": self._engine.stats.learned,  # final answers in this replica's learner
             "lag_ms": round(self.lag_seconds * 1000, 1),
+            # route idempotency keys: shared by the replicas in Redis, or this replica's only
+            "idempotency_keys": "shared" if self.up else "local",
+            "idempotency_keys_unpublished": len(self._unshared),  # answered while Redis was away
         }
 
     def _mark_up(self) -> None:
@@ -233,6 +255,206 @@ class SharedState:
         """Queue an operator's pause or resume of a carrier for the other replicas."""
         payload = orjson.dumps({"carrier": carrier, "paused": paused, "reason": reason})
         self.outbox.append([Item("a", self.instance, carrier, payload)], durable=True)
+
+    # ---- idempotent routing ----------------------------------------------------------------
+
+    def route_batch(self, reqs: Sequence[RouteRequest]) -> list[RouteDecision | RoutingError]:
+        """Decisions for requests of which some carry an idempotency key, the key shared by all
+        replicas: the same key posted to any replica gets the first replica's decision.
+
+        Design. A decision without a key never touches Redis (nothing changes on that path).
+        A keyed request that this replica has answered (or seen answered) is served from its
+        local keys, also without Redis. Otherwise the key is taken in Redis by one atomic
+        script (`SET NX`-like, but aware of event-time expiry) *before* deciding, holding it
+        for `key_hold_seconds`; the winner decides locally, logs and publishes its decision as
+        usual, then stores the decision's answer itself under the key (owner-checked), with
+        a TTL of the class's DLR timeout + 1 h. A replica that finds the key held with an
+        answer returns that answer (no stream wait, it needs nothing but the one hash); held
+        without one yet (the holder is deciding), it asks again every 10 ms for up to
+        `decision_wait_seconds`, then answers 503 `idempotency_in_progress` with Retry-After.
+        Taking the key before deciding, instead of deciding first and racing to publish, is
+        what makes "one decision per key" hold across replicas: a loser never makes (and logs)
+        a decision it must throw away. Keeping the answer in Redis, instead of a decision id
+        to look up among the replicated decisions, means no wait on the stream and no
+        dependence on the outbox's publishing delay. A holder that dies frees the key after
+        `key_hold_seconds`; one that fails to decide (no eligible carrier, ...) gives it back.
+
+        Redis away: local keys only (degraded, as `/healthz` says: `"idempotency_keys":
+        "local"`); the keys answered meanwhile are published when Redis returns, unless
+        another replica answered the same key in Redis first (its answer stands there).
+        """
+        engine = self._engine
+        out: list[RouteDecision | RoutingError | None] = [None] * len(reqs)
+        claims: dict[int, Claim] = {}
+        for i, req in enumerate(reqs):
+            if req.idempotency_key is None:
+                continue
+            try:
+                claim, known = engine.idempotency_lookup(req)
+            except RoutingError as exc:
+                out[i] = exc
+                continue
+            if known is not None:
+                out[i] = known
+            else:
+                claims[i] = claim
+        first: dict[tuple[str, str], int] = {}
+        for i, claim in claims.items():
+            first.setdefault(claim.scope, i)
+        holders = {i: uuid.uuid4().hex for i in first.values()}
+        held, found = self._take_keys({i: claims[i] for i in first.values()}, holders)
+        for i, claim in claims.items():
+            j = first[claim.scope]
+            if j in found:  # answered by another request (or refused): so is every repeat
+                out[i] = self._resolve(claim, found[j])
+        routed = [
+            i
+            for i in range(len(reqs))
+            if out[i] is None and (i not in claims or first[claims[i].scope] not in found)
+        ]
+        # Taken keys (or local-only ones) are decided here; repeats in the batch after their
+        # first occurrence find its answer among the engine's local keys.
+        for i, answer in zip(routed, engine.route_batch([reqs[i] for i in routed]), strict=True):
+            out[i] = answer
+        local = [j for j in first.values() if j not in held and j not in found]
+        # a repeat decided anew (its first occurrence failed) is published like a local key
+        again = set(routed) - set(first.values())
+        local += [i for i in again if i in claims and out[i] is not out[first[claims[i].scope]]]
+        self._finish_keys(
+            [(claims[j], holders[j], out[j]) for j in held], [(claims[j], out[j]) for j in local]
+        )
+        return [a if a is not None else RoutingError("not routed") for a in out]
+
+    def _take_keys(
+        self, claims: dict[int, Claim], holders: dict[int, str]
+    ) -> tuple[set[int], dict[int, RoutingError | tuple[Claim, Any]]]:
+        """Take the keys in Redis: which ones this replica now holds, and for the others what
+        Redis holds (or the error to answer); keys neither held nor found are local-only
+        (Redis away)."""
+        held: set[int] = set()
+        found: dict[int, RoutingError | tuple[Claim, Any]] = {}
+        todo = dict(claims)
+        hold_ms = int(self.settings.key_hold_seconds * 1000)
+        deadline = time.monotonic() + self.settings.decision_wait_seconds
+        while todo and self.up:
+            items = list(todo.items())
+            try:
+                answers = self.bus.reserve_keys(
+                    [
+                        (c.tenant, c.key, c.digest, c.now, c.now + c.lifetime, holders[i])
+                        for i, c in items
+                    ],
+                    hold_ms,
+                )
+            except redis.RedisError as exc:
+                self._down(exc)
+                break
+            for (i, claim), answer in zip(items, answers, strict=True):
+                if answer is None:
+                    held.add(i)
+                elif answer.digest != claim.digest or answer.decision is not None:
+                    found[i] = (claim, answer)
+                else:
+                    continue  # being decided by its holder: ask again
+                del todo[i]
+            if not todo:
+                break
+            if time.monotonic() >= deadline:
+                for i in todo:
+                    found[i] = IdempotencyInProgress(
+                        "a request with this idempotency key is being answered by another "
+                        "replica: retry in a moment",
+                        field="idempotency_key",
+                    )
+                break
+            time.sleep(0.01)
+        return held, found
+
+    def _resolve(
+        self, claim: Claim, found: RoutingError | tuple[Claim, Any]
+    ) -> RouteDecision | RoutingError:
+        """The answer for a request whose key Redis holds for another request or replica."""
+        engine = self._engine
+        if isinstance(found, RoutingError):
+            engine.metrics.rejected.labels(found.code).inc()
+            return found
+        _, answer = found
+        if answer.digest != claim.digest:
+            engine.idempotency.requests.labels("conflict").inc()
+            engine.metrics.rejected.labels("idempotency_conflict").inc()
+            return conflict(claim, answer.expires)
+        decision = decision_from_dict(orjson.loads(answer.decision))
+        engine.remember_idempotent(claim, decision)  # the next repeat is answered locally
+        return decision
+
+    def _finish_keys(
+        self,
+        held: list[tuple[Claim, str, RouteDecision | RoutingError | None]],
+        local: list[tuple[Claim, RouteDecision | RoutingError | None]],
+    ) -> None:
+        """Store the answers under the keys held (or give back the keys of requests that
+        failed); keep the local-only ones to publish when Redis returns."""
+        with self._unshared_lock:
+            for claim, answer in local:
+                if isinstance(answer, RouteDecision):
+                    self._unshared.append((claim, answer))
+        if not held:
+            return
+        items = []
+        for claim, holder, answer in held:
+            if isinstance(answer, RouteDecision):
+                body = orjson.dumps(decision_to_dict(answer))
+                items.append((claim.tenant, claim.key, holder, body, answer.at + claim.lifetime))
+            else:
+                items.append((claim.tenant, claim.key, holder, b"", 0.0))
+        ttl_ms = self._key_ttl_ms(max(claim.lifetime for claim, _, _ in held))
+        try:
+            self.bus.finish_keys(items, ttl_ms)
+        except redis.RedisError as exc:  # the holds lapse after key_hold_seconds
+            self._down(exc)
+            with self._unshared_lock:
+                for claim, _, answer in held:
+                    if isinstance(answer, RouteDecision):
+                        self._unshared.append((claim, answer))
+
+    def _publish_unshared_keys(self) -> None:
+        """Publish the keys answered while Redis was away (raises RedisError if it fails)."""
+        with self._unshared_lock:
+            batch = list(self._unshared)
+            self._unshared.clear()
+        if not batch:
+            return
+        try:
+            stored = self.bus.put_keys(
+                [
+                    (
+                        c.tenant,
+                        c.key,
+                        c.digest,
+                        d.at,
+                        d.at + c.lifetime,
+                        orjson.dumps(decision_to_dict(d)),
+                    )
+                    for c, d in batch
+                ],
+                self._key_ttl_ms(max(c.lifetime for c, _ in batch)),
+            )
+        except redis.RedisError:
+            with self._unshared_lock:
+                self._unshared.extendleft(reversed(batch))
+            raise
+        if len(stored) - sum(stored):
+            log.warning(
+                "%d idempotency key(s) answered here while Redis was away were answered by "
+                "another replica meanwhile (split decisions for those keys)",
+                len(stored) - sum(stored),
+            )
+
+    @staticmethod
+    def _key_ttl_ms(lifetime: float) -> int:
+        """Redis TTL of an answered key (wall time): its lifetime + 1 h; expiry proper is in
+        event time, checked by the scripts."""
+        return int((lifetime + 3600) * 1000)
 
     # ---- outcomes --------------------------------------------------------------------------
 
@@ -343,6 +565,8 @@ class SharedState:
             try:
                 self.flush()
                 self.outbox.rotate_if_due()
+                if self._unshared:
+                    self._publish_unshared_keys()
             except redis.RedisError as exc:
                 self._down(exc)
             except Exception:
@@ -425,6 +649,10 @@ class SharedState:
             d["cost"],
             d["currency"],
             d["at"],
+            d.get("at_earliest"),
+            d.get("at_latest"),
+            d.get("source_at"),
+            d.get("at_flag"),
         )
         engine = self._engine
         try:
@@ -551,6 +779,10 @@ def _outcome_item(checked: CheckedOutcome, origin: str) -> Item:
             "cost": ev.cost,
             "currency": ev.currency,
             "at": at,
+            "at_earliest": ev.at_earliest,
+            "at_latest": ev.at_latest,
+            "source_at": ev.source_at,
+            "at_flag": ev.at_flag,
         }
     )
     signature = outcome_signature(ev.event, ev.status).encode()

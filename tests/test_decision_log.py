@@ -78,6 +78,10 @@ def outcome(decision_id: str, seconds: float, event: str, **fields: Any) -> dict
         "latency_ms": None,
         "carrier": "c1",
         "tenant": "plain",
+        "at_source": None,
+        "at_flag": None,
+        "latency_min_ms": None,
+        "latency_max_ms": None,
     }
     row.update(fields)
     return row
@@ -174,6 +178,21 @@ def test_round_trip_keeps_lists_nulls_and_utc_instants(tmp_path: Path) -> None:
     assert third_at == datetime(2025, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
     assert log.decisions_dir == tmp_path / "decisions"
     assert log.outcomes_dir == tmp_path / "outcomes"
+
+
+def test_segments_older_than_the_time_columns_still_read(tmp_path: Path) -> None:
+    """An outcome segment written before at_source/at_flag/latency bounds existed reads with
+    those columns null."""
+    old_schema = pa.schema(
+        [f for f in OUTCOME_SCHEMA if not f.name.startswith(("at_", "latency_m"))]
+    )
+    row = {
+        k: v for k, v in outcome("d1", 4, "dlr", status="DELIVRD").items() if k in old_schema.names
+    }
+    (tmp_path / "outcomes").mkdir()
+    pq.write_table(pa.Table.from_pylist([row], old_schema), tmp_path / "outcomes" / "0.parquet")
+    (read,) = read_stream(tmp_path, "outcomes", OUTCOME_SCHEMA).to_pylist()
+    assert read == outcome("d1", 4, "dlr", status="DELIVRD")
 
 
 def test_empty_stream_reads_as_empty_table(tmp_path: Path) -> None:

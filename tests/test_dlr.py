@@ -286,7 +286,7 @@ def test_format_parse_round_trip(
     )
     r = parse_receipt_text(formatted)
     trunc = (lambda d: d) if seconds else (lambda d: d.replace(second=0))
-    assert r == Receipt(mid, status, err, trunc(sub), trunc(done))
+    assert r == Receipt(mid, status, err, trunc(sub), trunc(done), 1.0 if seconds else 60.0)
 
 
 @settings(max_examples=300, deadline=None)

@@ -125,8 +125,21 @@ def test_bad_password_is_refused(smscs: list[SimulatedSMSC]) -> None:
     assert smsc.counters.bind_failures == 1 and smsc.bound_sessions == 0
 
 
+def test_receipt_dates_are_appendix_b_minutes_by_default(smscs: list[SimulatedSMSC]) -> None:
+    """Like most carriers: YYMMDDhhmm, so the receipt's dates carry no seconds."""
+    smsc = run(smscs, "c1", deliver_after(2.0), clock=SimClock(T0 + 30, speed=100))
+    esme = Esme(smsc)
+    esme.submit()
+    esme.read_until(lambda: esme.receipts())
+    (receipt,) = esme.receipts()
+    assert receipt.date_precision_s == 60.0
+    assert receipt.done_date.second == 0 and T0 <= receipt.done_date.timestamp() <= T0 + 120
+
+
 def test_submit_answer_and_receipt(smscs: list[SimulatedSMSC]) -> None:
-    smsc = run(smscs, "c1", deliver_after(2.0), clock=SimClock(T0, speed=100))
+    smsc = run(
+        smscs, "c1", deliver_after(2.0), clock=SimClock(T0, speed=100), receipt_date_seconds=True
+    )
     esme = Esme(smsc)
     esme.submit()
     esme.read_until(lambda: esme.answers and esme.receipts())
@@ -247,7 +260,9 @@ def test_three_part_message_counts_three_parts(smscs: list[SimulatedSMSC]) -> No
 
 def test_event_time_runs_faster_than_wall_time(smscs: list[SimulatedSMSC]) -> None:
     """At speed 600 a receipt 30 event seconds later comes within a fraction of a second."""
-    smsc = run(smscs, "c1", deliver_after(30.0), clock=SimClock(T0, speed=600))
+    smsc = run(
+        smscs, "c1", deliver_after(30.0), clock=SimClock(T0, speed=600), receipt_date_seconds=True
+    )
     esme = Esme(smsc)
     start = time.monotonic()
     esme.submit()

@@ -13,8 +13,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 
 from carriers.catalog import load_catalog
@@ -324,6 +326,8 @@ def test_worker_reads_jobs_from_stdin(live, fleet_factory, tmp_path):
             live.url,
             "--linger",
             "5",
+            "--data-dir",
+            str(tmp_path / "worker"),
             *fleet.link_args(),
         ],
         input=lines.encode(),
@@ -362,3 +366,97 @@ def test_graceful_stop_finishes_jobs_in_hand(live, fleet_factory):
     taken = 40 - queue.pending()
     assert worker.stats.submitted + worker.stats.submit_failed == taken
     assert worker.reporter.backlog() == 0  # every submit result reached the router
+
+
+class _AnswerLost(httpx.BaseTransport):
+    """An HTTP transport that lets the router serve a route call, then loses its answer (a
+    client timeout) for every other call, up to `losses` times."""
+
+    def __init__(self, losses: int) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.losses = losses
+        self.calls = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.url.path.startswith("/v1/route"):
+            self.calls += 1
+            if self.losses > 0 and self.calls % 2 == 1:
+                self.losses -= 1
+                response.read()
+                response.close()
+                raise httpx.ReadTimeout("answer lost", request=request)
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_route_call_retried_after_a_timeout_leaves_no_orphan_decision(live, fleet_factory):
+    """The worker sends an idempotency key per job and attempt: the router's decision whose
+    answer was lost is the one the retried call gets, so no decision is left without outcomes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def decisions_made() -> float:
+        text = live.client.get("/metrics").text
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "router_decisions_total"
+        )
+
+    reject = lambda _s: Fate.reject(ESME_RINVDSTADR)  # noqa: E731
+    fleet = fleet_factory({cid: reject for cid in CARRIERS if cid != "eurodirect"})
+    lossy = _AnswerLost(losses=8)
+    client = RouterClient(live.url)
+    client.http = httpx.Client(base_url=live.url, timeout=10, transport=lossy)
+    decisions: dict[str, RouteDecision] = {}
+    queue = InProcessQueue()
+    worker = SenderWorker(
+        client,
+        {},
+        queue,
+        options=WorkerOptions(concurrency=2, router_backoff_s=(0.01, 0.05)),
+        on_decision=lambda job, d: decisions.__setitem__(d.decision_id, d),
+    )
+    fleet.connect(worker)
+    worker.start()
+    for job in jobs_for(12, prefix="lost"):
+        queue.put(job)
+    assert wait_for(lambda: queue.pending() == 0 and worker.idle())
+    assert wait_for(lambda: worker.awaiting_receipts() == 0)
+    worker.stop()
+    assert lossy.losses == 0  # answers were lost, first attempts and retries alike
+    assert len([d for d in decisions.values() if d.carrier == "eurodirect"]) == 12
+    assert worker.stats.retries == len(decisions) - 12
+    assert decisions_made() == len(decisions)  # every decision made is one the worker used
+    for did in decisions:
+        assert any(o["event"] == "submit" for o in outcomes(live, did))
+
+
+@pytest.mark.parametrize(
+    "clock",
+    [
+        pytest.param({"receipt_clock_offset_s": 180.0}, id="smsc-clock-3-min-fast"),
+        pytest.param({"receipt_tz": timezone(timedelta(hours=3))}, id="smsc-in-utc+3-no-offset"),
+    ],
+)
+def test_receipts_from_a_skewed_smsc_clock_all_arrive_in_time(live, fleet_factory, clock):
+    """Appendix B minute dates from a clock 3 minutes fast, or in UTC+3 with no offset: every
+    receipt reaches the router, each placed between its decision and now, the offset found."""
+    fleet = fleet_factory(**clock)
+    worker, decisions = run_worker(live, fleet, jobs_for(30, prefix=f"skew{len(clock)}"))
+    assert worker.stats.receipts == 30 and worker.reporter.stats.rejected == 0
+    now = datetime.now(UTC)
+    flags = []
+    for did, decision in decisions.items():
+        (dlr,) = [o for o in outcomes(live, did) if o["event"] == "dlr"]
+        at = datetime.fromisoformat(dlr["at"])
+        assert decision.at <= at.timestamp() <= now.timestamp()
+        assert "before_decision" not in (dlr["at_flag"] or "")
+        flags.append(dlr["at_flag"] or "")
+    assert sum("clock_offset" in f for f in flags) >= 25, flags
+    offsets = worker.receipt_clock_offsets()
+    expected = 180.0 if "receipt_clock_offset_s" in clock else 3 * 3600.0
+    assert all(abs(o - expected) <= 60 for o in offsets.values()), offsets
