@@ -74,6 +74,8 @@ class MessageQueue(Protocol):
 
     def ack(self, delivery: Delivery) -> None: ...
 
+    def release(self, delivery: Delivery) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -108,6 +110,10 @@ class InProcessQueue:
 
     def ack(self, delivery: Delivery) -> None:
         """Nothing to do in process: a job leaves the queue when it is taken."""
+
+    def release(self, delivery: Delivery) -> None:
+        """Give a job back (its handling failed): it is taken again."""
+        self._q.put(delivery.job)
 
     def pending(self) -> int:
         """Jobs not yet taken."""
@@ -214,6 +220,12 @@ class RedisStreamQueue:
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge and delete the entry."""
         self._drop(delivery.tag)
+
+    def release(self, delivery: Delivery) -> None:
+        """Stop holding an entry whose handling failed: it is no longer kept fresh, so after
+        `claim_idle_s` it is claimed again (by this worker or another)."""
+        with self._lock:
+            self._held.discard(delivery.tag)
 
     def _drop(self, tag: str) -> None:
         pipe = self.redis.pipeline(transaction=True)

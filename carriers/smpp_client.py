@@ -626,24 +626,40 @@ class SmppCarrier:
                 matches = self.matcher.received(receipt)
                 for sent, matched in matches:
                     self._report(sent, matched)
-                if not matches and self.matcher.is_held(receipt.message_id):
-                    self._resolve_elsewhere(receipt)
+                if (
+                    not matches
+                    and self.matcher.is_held(receipt.message_id)
+                    and not self._resolve_elsewhere(receipt)
+                ):
+                    # Not known to be recorded (the shared ledger was unreachable): a temporary
+                    # error makes the SMSC send it again, instead of an ack that would lose it.
+                    self.matcher.release(receipt.message_id)
+                    bind.respond(f"{pdu.command}_resp", pdu, consts.SMPP_ESME_RX_T_APPN)
+                    return
         bind.respond(f"{pdu.command}_resp", pdu)
 
-    def _resolve_elsewhere(self, receipt: Receipt) -> None:
+    def _resolve_elsewhere(self, receipt: Receipt) -> bool:
         """A receipt for no submit of this connection: ask `resolve_unmatched` (a shared job
-        ledger, for messages another worker submitted before it died); else it stays held."""
+        ledger, for messages another worker submitted before it died); else it stays held.
+        False when the ledger could not be asked (the receipt must not be acknowledged)."""
         if self.resolve_unmatched is None or self.on_receipt is None:
-            return
+            return True
         try:
             key = self.resolve_unmatched(receipt)
             if key is not None:
                 self.matcher.release(receipt.message_id)
                 self._count("reported_receipts")
                 self.on_receipt(key, receipt)
-        except Exception:
+        except Exception as exc:
             self._count("callback_errors")
-            log.exception("carrier %s: resolving a receipt failed", self.carrier_id)
+            log.warning(
+                "carrier %s: resolving a receipt failed (%s); answered as a temporary error so "
+                "the SMSC resends it",
+                self.carrier_id,
+                type(exc).__name__,
+            )
+            return False
+        return True
 
     def _report(self, sent: Sent, receipt: Receipt) -> None:
         """Hand a matched receipt to `on_receipt` (first parts only)."""

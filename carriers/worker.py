@@ -9,6 +9,7 @@ submitted: at-least-once delivery, never a double count.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -16,7 +17,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -196,17 +197,25 @@ class SenderWorker:
                 continue
             if self._stop.is_set():
                 return
-            deliveries = self.jobs.get(self.options.batch, self.options.poll_s)
+            try:
+                deliveries = self.jobs.get(self.options.batch, self.options.poll_s)
+            except Exception as exc:  # the queue (Redis) is away: wait, never lose the thread
+                log.warning("job queue unreachable (%s); retrying", type(exc).__name__)
+                self._stop.wait(self.options.router_backoff_s[0] * 5)
+                continue
             if deliveries:
-                self._run(lambda ds=deliveries: self._take(ds))
+                self._run(lambda ds=deliveries: self._take(ds), deliveries)
 
-    def _run(self, work: Callable[[], None]) -> None:
+    def _run(self, work: Callable[[], None], deliveries: Sequence[Delivery] = ()) -> None:
         with self._lock:
             self._busy += 1
         try:
             work()
-        except Exception:  # one bad job must not kill the worker; it stays unacknowledged
-            log.exception("sending a job failed")
+        except Exception as exc:  # one bad job must not kill the worker; it stays unacknowledged
+            log.warning("sending a job failed (%s); its jobs go back to the queue", exc)
+            for d in deliveries:  # taken again after claim-idle (an ack already made stands)
+                with contextlib.suppress(Exception):
+                    self.jobs.release(d)
         finally:
             with self._lock:
                 self._busy -= 1
@@ -320,11 +329,11 @@ class SenderWorker:
         """Decisions for first attempts, in one request (None: not routable, logged)."""
         if not attempts:
             return []
-        reqs = [self._request(a) for a in attempts]
         delay = self.options.router_backoff_s[0]
         while True:
             try:
-                answers = self.router.route_batch(reqs)
+                # built anew on each try: a request's `at` must be near the router's clock
+                answers = self.router.route_batch([self._request(a) for a in attempts])
             except (httpx.TransportError, httpx.HTTPStatusError) as exc:
                 log.warning("router unreachable (%s); retrying", type(exc).__name__)
                 time.sleep(delay)
@@ -342,11 +351,11 @@ class SenderWorker:
             return out
 
     def _route(self, a: _Attempt) -> RouteDecision | None:
-        req = self._request(a)
         delay = self.options.router_backoff_s[0]
         while True:
             try:
-                decision = self.router.route(req)
+                # built anew on each try: a request's `at` must be near the router's clock
+                decision = self.router.route(self._request(a))
             except (httpx.TransportError, httpx.HTTPStatusError) as exc:
                 if self._stop.is_set() and a.attempt > 1:
                     return None

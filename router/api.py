@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -28,6 +29,7 @@ from router.idempotency import KEY_RULE, check_key
 from router.redact import NoNumber
 from router.service import RouterService
 
+log = logging.getLogger(__name__)
 MAX_BATCH = 1000
 _ID = r"^[A-Za-z0-9_\-]{1,64}$"
 
@@ -282,7 +284,10 @@ def create_app(
         async def ticker() -> None:
             while True:
                 await asyncio.sleep(tick_seconds)
-                service.tick()
+                try:
+                    service.tick()
+                except Exception:  # one failed tick must not end the ticking (nor the shutdown)
+                    log.exception("periodic tick failed; ticking on")
 
         task = asyncio.create_task(ticker())
         try:

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 from carriers.catalog import EXAMPLE_CATALOG, CatalogError
 from router.config import DEFAULT_POLICY_FILE, ConfigError
+from router.identity import HmacKeyMismatch
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from router.http_server import ConnectionLimits
     from router.shared_state import SharedSettings
 from router.keys_cli import add_keys_parser
 
@@ -71,21 +73,32 @@ def _shared_settings(args: argparse.Namespace) -> SharedSettings | None:
     )
 
 
+def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
+    """`router serve`'s per-worker connection limits (router.http_server)."""
+    from router.http_server import ConnectionLimits
+
+    return ConnectionLimits(
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from router.http_server import serve
 
     if args.workers > 1:
         from router.workers import serve_workers
 
         return serve_workers(args)
-    uvicorn.run(
+    return serve(
         build_app(args),
+        limits=connection_limits(args),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        access_log=False,
     )
-    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -113,6 +126,14 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
     return value
 
 
@@ -233,6 +254,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="worker processes (more than 1 needs Redis)"
     )
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies: 413")
+    serve.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=5.0,
+        help="seconds a connection has to send a complete request head (from connecting, or "
+        "from the first byte of a next request); then it is closed (default 5)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds a request's body has to arrive once its head is in (default 30)",
+    )
+    serve.add_argument(
+        "--keep-alive-timeout",
+        type=_positive_float,
+        default=5.0,
+        help="seconds an idle keep-alive connection is kept after a response (default 5)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        help="open connections per worker process; at the cap the one waiting longest for a "
+        "request is closed, or the new one gets 503 (default: what the fd limit leaves, <= 4096)",
+    )
     serve.set_defaults(func=_serve)
     add_keys_parser(sub)
 
@@ -338,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (CatalogError, ConfigError) as exc:
         print(f"router: {exc}", file=sys.stderr)
+        return 2
+    except HmacKeyMismatch as exc:  # one identity per cluster: refuse to start (issue 13.3)
+        print(f"router: refusing to start: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

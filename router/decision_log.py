@@ -128,9 +128,29 @@ class SegmentWriter:
         self._journal: int | None = None
         self._journal_id = ""
         self._closed = False
+        self._owner: str | None = None
+        # segments made from dead writers' journals, with the owner their writer had declared
+        self.recovered: dict[Path, str | None] = {}
         self._seq = _next_seq(self.directory)
         for path in self._recover():
             self._notify(path)
+
+    def set_owner(self, owner: str | None) -> None:
+        """Name who this writer writes for (the serving process's MLflow run id): every journal
+        gets an `open-<id>.owner` file beside it, so that if this process dies, the process
+        that recovers the journal knows whose segment it makes (`recovered`)."""
+        with self._lock:
+            self._owner = owner
+            if self._journal is not None:
+                self._write_owner()
+
+    def _write_owner(self) -> None:
+        """Write the current journal's owner file (caller holds the lock)."""
+        path = self.directory / f"open-{self._journal_id}.owner"
+        if self._owner is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(self._owner)
 
     def append(self, row: Mapping[str, Any]) -> None:
         """Journal one row (flushed to the OS before returning) and roll when the buffer is due."""
@@ -220,6 +240,8 @@ class SegmentWriter:
         path = self.directory / f"open-{self._journal_id}.jsonl"
         self._journal = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         fcntl.flock(self._journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if self._owner is not None:
+            self._write_owner()
         return self._journal
 
     def _close_journal(self) -> None:
@@ -253,6 +275,7 @@ class SegmentWriter:
         self._rows = []
         self._close_journal()
         (self.directory / f"open-{self._journal_id}.jsonl").unlink(missing_ok=True)
+        (self.directory / f"open-{self._journal_id}.owner").unlink(missing_ok=True)
         return path
 
     def _write_segment(self, rows: list[dict[str, Any]], segment_id: str) -> Path:
@@ -282,6 +305,9 @@ class SegmentWriter:
         for tmp in self.directory.glob("*.tmp"):
             if tmp.name.removesuffix(".parquet.tmp")[-_SEGMENT_ID_LEN:] not in live:
                 tmp.unlink(missing_ok=True)
+        for owner in self.directory.glob("open-*.owner"):  # its journal rolled, then a crash
+            if not owner.with_suffix(".jsonl").exists():
+                owner.unlink(missing_ok=True)
         dead = sorted(((j, fd) for j, fd in locks if fd is not None), key=_mtime)
         try:
             recovered = [self._recover_journal(journal) for journal, _ in dead]
@@ -301,7 +327,15 @@ class SegmentWriter:
             path = self._write_segment(rows, segment_id) if rows else None
             if path is not None:
                 logger.warning("recovered %d row(s) from %s into %s", len(rows), journal, path)
+        owner_file = journal.with_suffix(".owner")
+        try:
+            owner: str | None = owner_file.read_text().strip() or None
+        except FileNotFoundError:
+            owner = None
+        if path is not None:
+            self.recovered[path] = owner
         journal.unlink()
+        owner_file.unlink(missing_ok=True)
         return path
 
     def _notify(self, path: Path | None) -> None:
@@ -348,6 +382,19 @@ class DecisionLog:
         """Folder of the outcome segments."""
         return self._writers[OUTCOMES].directory
 
+    def set_owner(self, owner: str | None) -> None:
+        """Name the owner of this process's journals (see `SegmentWriter.set_owner`)."""
+        for writer in self._writers.values():
+            writer.set_owner(owner)
+
+    def recovered_owner(self, path: Path) -> str | None:
+        """The owner declared by the dead writer whose journal became this segment (None when
+        it declared none, or the segment was not recovered by this log)."""
+        for writer in self._writers.values():
+            if path in writer.recovered:
+                return writer.recovered[path]
+        return None
+
     def log_decision(self, row: Mapping[str, Any]) -> None:
         """Append one decision record (see DECISION_SCHEMA)."""
         self._writers[DECISIONS].append(row)
@@ -373,6 +420,38 @@ class DecisionLog:
 def iter_segments(directory: Path, stream: str) -> Iterator[Path]:
     """The finished segments of a stream, in the order they were written."""
     yield from sorted((Path(directory) / stream).glob("*.parquet"))
+
+
+def logged_outcomes(directory: Path, keys: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (decision_id, outcome signature) keys an outcome folder holds already,
+    in its segments or open journals (used when a replayed outbox journal might repeat a row
+    its dead writer had logged; a rare path, so it reads the folder)."""
+    from router.engine import outcome_signature  # the engine imports this module
+
+    wanted = {did for did, _ in keys}
+    found: set[tuple[str, str]] = set()
+
+    def look(did: str, event: str, status: str | None) -> None:
+        if did in wanted:
+            key = (did, outcome_signature(event, status))
+            if key in keys:
+                found.add(key)
+
+    directory = Path(directory)
+    for journal in directory.glob("open-*.jsonl"):  # journals first: one rolled meanwhile
+        try:  # is then among the segments read below
+            rows = _read_journal(journal)
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            look(row.get("decision_id"), row.get("event"), row.get("status"))
+    value_set = pa.array(sorted(wanted), pa.string())
+    for path in sorted(directory.glob("*.parquet")):
+        table = pq.read_table(path, columns=["decision_id", "event", "status"])
+        table = table.filter(pc.is_in(table["decision_id"], value_set=value_set))
+        for row in table.to_pylist():
+            look(row["decision_id"], row["event"], row["status"])
+    return found
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

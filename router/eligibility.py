@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from carriers.catalog import Carrier, Catalog, Tenant
+
+if TYPE_CHECKING:
+    from router.capacity import SharedCaps
 
 _StaticKey = tuple[str, str, str, str, tuple[str, ...]]
 
@@ -36,11 +40,14 @@ class Eligibility:
 
     What depends only on the catalog and the request (coverage, permissions, sender type,
     exclusions) is cached per context; pauses and capacity are checked for every message.
+    Capacity is this process's event-time bucket per carrier, or, with replicas on Redis
+    (`shared_caps`), the cluster's budget: tokens leased from Redis, spent here.
     """
 
     catalog: Catalog
     paused: dict[str, str] = field(default_factory=dict)
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    shared_caps: SharedCaps | None = None
     _static: dict[_StaticKey, tuple[list[Carrier], dict[str, str]]] = field(
         default_factory=dict, repr=False
     )
@@ -72,6 +79,10 @@ class Eligibility:
         """Why `carrier` cannot take a message right now (paused, at capacity), or None."""
         if carrier.id in self.paused:
             return f"paused: {self.paused[carrier.id]}"
+        if self.shared_caps is not None and carrier.throughput_mps is not None:
+            if self.shared_caps.can_send(carrier, segments):
+                return None
+            return f"at capacity ({carrier.throughput_mps:g} parts/s across all replicas)"
         bucket = self.bucket(carrier)
         if bucket is not None and bucket.available(now) < segments:
             return f"at capacity ({carrier.throughput_mps:g} parts/s)"
@@ -141,6 +152,9 @@ class Eligibility:
 
     def consume(self, carrier: Carrier, segments: int, now: float) -> None:
         """Account a sent message against the carrier's cap."""
+        if self.shared_caps is not None and carrier.throughput_mps is not None:
+            self.shared_caps.take(carrier, segments)
+            return
         b = self.bucket(carrier)
         if b is not None:
             b.take(now, segments)

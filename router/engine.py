@@ -70,6 +70,14 @@ from router.metrics import EngineMetrics
 SENDER_TYPES = ("alphanumeric", "numeric", "shortcode")
 PHONE_REGIONS = frozenset(phonenumbers.SUPPORTED_REGIONS)
 EARLIEST_EVENT = 946_684_800.0  # 2000-01-01T00:00Z: anything earlier is a client bug
+
+
+def _seconds(value: float) -> str:
+    """A duration for an error message, digits grouped ("1,209,600 s"), so that redaction,
+    which hides runs of 7+ digits that could be phone numbers, leaves the figure readable."""
+    return f"{value:,.0f} s"
+
+
 EVENTS = ("submit", "dlr", "conversion")
 
 
@@ -180,6 +188,8 @@ class EngineOptions:
     """Runtime options that are not learning configuration."""
 
     hmac_key: bytes = b"change-me"
+    # a route's `at` within this of the wall clock, either side (the name is historical); None:
+    # any time (--replay). Outcomes' times are clamped to wall + this, never refused.
     max_future_skew_seconds: float | None = 300.0
     max_past_outcome_skew_seconds: float = 1.0
     recent_capacity: int = 200_000
@@ -255,11 +265,16 @@ class RoutingEngine:
                 "timestamp is before 2000-01-01; event times must be real", field=field_name
             )
         skew = self.options.max_future_skew_seconds
-        if skew is not None and at > wall + skew:
+        if skew is not None and abs(at - wall) > skew:
+            # Symmetric around the router's clock (issue 13.7): a request's event time is "now"
+            # give or take clock skew; older or later times are replays (router serve --replay).
+            side = "future" if at > wall else "past"
             raise InvalidRequest(
-                f"timestamp is {at - wall:.0f} s in the future (at most {skew:g} s "
-                "of clock skew is accepted)",
+                f"timestamp is {_seconds(abs(at - wall))} in the {side}; at most "
+                f"{_seconds(skew)} of clock skew either side of the router's clock is accepted "
+                "(replays of older traffic: router serve --replay)",
                 field=field_name,
+                details={"offset_seconds": round(at - wall, 3), "max_skew_seconds": skew},
             )
         return at
 
@@ -824,6 +839,64 @@ class RoutingEngine:
         persist: bool = True,
         ev: OutcomeEvent | None = None,
     ) -> None:
+        row = self._outcome_row(
+            flight, event, at, status, error_code, cost, currency, latency_ms, ev
+        )
+        flight.events.append(
+            {
+                **row,
+                "at": row["at"].isoformat(),
+                "at_source": row["at_source"] and row["at_source"].isoformat(),
+            }
+        )
+        if persist:
+            self.persist_outcome_row(row)
+
+    def outcome_row(self, checked: CheckedOutcome) -> dict[str, Any]:
+        """The decision-log row that applying this checked event logs, computed without
+        applying it (no side effects): status and cost as `_apply` derives them."""
+        flight, ev, at = checked
+        status = (ev.status or "").upper() or None
+        cost = ev.cost
+        if ev.event == "submit":
+            if cost is None and submit_accepted(status) and not flight.billing_on_delivery:
+                cost = flight.unit_price * flight.segments
+            status = status or "ACCEPTED"
+        elif ev.event == "dlr" and status == "DELIVRD" and flight.billing_on_delivery:
+            cost = flight.unit_price * flight.segments if cost is None else cost
+        latency_ms = round((at - flight.at) * 1000)
+        return self._outcome_row(
+            flight, ev.event, at, status, ev.error_code, cost, ev.currency, latency_ms, ev
+        )
+
+    def persist_outcome_row(self, row: Mapping[str, Any]) -> None:
+        """Count an outcome row (outcomes, spend, time flags) and write it to the decision log:
+        the part of recording an outcome that must happen once across all replicas."""
+        for word in (row.get("at_flag") or "").split(","):
+            if word:
+                self.metrics.child(self.metrics.time_adjusted, word).inc()
+        cost = row.get("cost")
+        with self._lock:
+            if cost:
+                self.stats.spend += cost
+        if cost:
+            self.metrics.child(self.metrics.spend, row["carrier"], row["currency"]).inc(cost)
+        self.metrics.child(self.metrics.outcomes, row["event"], row["status"] or "").inc()
+        if self._log_outcome_row is not None:
+            self._log_outcome_row(dict(row))
+
+    def _outcome_row(
+        self,
+        flight: InFlight,
+        event: str,
+        at: float,
+        status: str | None,
+        error_code: str | None,
+        cost: float | None,
+        currency: str | None,
+        latency_ms: int | None,
+        ev: OutcomeEvent | None,
+    ) -> dict[str, Any]:
         flag = ev.at_flag if ev is not None else None
         row = {
             "decision_id": flight.decision_id,
@@ -847,24 +920,7 @@ class RoutingEngine:
             if ev.at_earliest is not None and ev.at_latest is not None:
                 row["latency_min_ms"] = round((ev.at_earliest - flight.at) * 1000)
                 row["latency_max_ms"] = round((ev.at_latest - flight.at) * 1000)
-        flight.events.append(
-            {
-                **row,
-                "at": row["at"].isoformat(),
-                "at_source": row["at_source"] and row["at_source"].isoformat(),
-            }
-        )
-        if not persist:
-            return
-        for word in (flag or "").split(","):
-            if word:
-                self.metrics.child(self.metrics.time_adjusted, word).inc()
-        if cost:
-            self.stats.spend += cost
-            self.metrics.child(self.metrics.spend, flight.carrier, row["currency"]).inc(cost)
-        self.metrics.child(self.metrics.outcomes, event, status or "").inc()
-        if self._log_outcome_row is not None:
-            self._log_outcome_row(row)
+        return row
 
     # ---- operators -------------------------------------------------------------------------
 
@@ -892,7 +948,9 @@ class RoutingEngine:
             self.catalog = catalog
             self.parser = DestinationParser(catalog.directory)
             paused = {c: r for c, r in old.paused.items() if c in catalog.carriers}
-            self.eligibility = Eligibility(catalog, paused=paused, buckets=old.buckets)
+            self.eligibility = Eligibility(
+                catalog, paused=paused, buckets=old.buckets, shared_caps=old.shared_caps
+            )
             self._currency = self.options.currency or catalog.currency
             self.policy.forget_cache()
 

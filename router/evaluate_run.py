@@ -70,9 +70,30 @@ def parse_candidate(spec: str) -> tuple[str, Candidate]:
 
 
 def _download_logs(tracking_uri: str, run_id: str, into: Path) -> Path:
+    """The run's `decision_log` artifacts. A run whose process was killed (tagged
+    `router.recovered_by`) also gets the outcome segments of the run(s) that recovered it:
+    receipts it acknowledged while Redis was away are logged by the process that published
+    them after its restart (outcomes of decisions not in this run are ignored by the view)."""
     client = MlflowClient(tracking_uri)
-    local = client.download_artifacts(run_id, "decision_log", str(into))
-    return Path(local)
+    local = Path(client.download_artifacts(run_id, "decision_log", str(into)))
+    seen = {run_id}
+    current = run_id
+    for _ in range(10):
+        successor = client.get_run(current).data.tags.get("router.recovered_by")
+        if not successor or successor in seen:
+            break
+        seen.add(successor)
+        extra = into / f"recovered-{successor}"
+        extra.mkdir(parents=True, exist_ok=True)
+        if any(
+            a.path.endswith("outcomes") for a in client.list_artifacts(successor, "decision_log")
+        ):
+            got = Path(client.download_artifacts(successor, "decision_log/outcomes", str(extra)))
+            (local / "outcomes").mkdir(exist_ok=True)
+            for segment in got.glob("*.parquet"):
+                segment.rename(local / "outcomes" / f"{successor[:8]}-{segment.name}")
+        current = successor
+    return local
 
 
 def run_evaluation(opts: EvaluateOptions, console: Console | None = None) -> pd.DataFrame:

@@ -28,25 +28,28 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Item:
     """One thing to publish: kind `d` (decision) or `o` (outcome), origin instance, decision
-    id, payload (for an outcome: signature, a NUL byte, body)."""
+    id, payload (for an outcome: signature, a NUL byte, body). An outcome accepted while Redis
+    was away also carries `row`, its decision-log row (JSON), written by whoever publishes it
+    once Redis says it is new across the replicas (never published itself)."""
 
     kind: str
     origin: str
     decision_id: str
     payload: bytes
+    row: bytes = b""
 
     def line(self) -> bytes:
         """The journal line."""
-        return orjson.dumps(
-            [self.kind, self.origin, self.decision_id, self.payload.decode()],
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        fields = [self.kind, self.origin, self.decision_id, self.payload.decode()]
+        if self.row:
+            fields.append(self.row.decode())
+        return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
 
     @classmethod
     def from_line(cls, line: bytes) -> Item:
         """Inverse of `line`."""
-        kind, origin, did, payload = orjson.loads(line)
-        return cls(kind, origin, did, payload.encode())
+        kind, origin, did, payload, *row = orjson.loads(line)
+        return cls(kind, origin, did, payload.encode(), row[0].encode() if row else b"")
 
 
 @dataclass

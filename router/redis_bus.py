@@ -28,13 +28,18 @@ redis.call('XADD', KEYS[2], '*', 'k', 'd', 'o', ARGV[2], 'p', ARGV[1])
 return 1
 """
 
-# Publish outcome events of one decision: each signature once across all replicas.
+# Publish outcome events of one decision: each signature once across all replicas. The field
+# holds the origin that recorded it: 1 new, 2 recorded before by this same origin (a journal
+# replayed after a crash, a retry after a cut connection), 0 recorded by another origin.
 _PUBLISH_OUTCOMES = """
 local out = {}
 for i = 3, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], 's:' .. ARGV[i], 1) == 1 then
+  local field = 's:' .. ARGV[i]
+  if redis.call('HSETNX', KEYS[1], field, ARGV[1]) == 1 then
     redis.call('XADD', KEYS[2], '*', 'k', 'o', 'o', ARGV[1], 'p', ARGV[i + 1])
     out[#out + 1] = 1
+  elseif redis.call('HGET', KEYS[1], field) == ARGV[1] then
+    out[#out + 1] = 2
   else
     out[#out + 1] = 0
   end
@@ -73,6 +78,9 @@ redis.call('HSET', KEYS[1], 'h', ARGV[1], 'e', ARGV[3], 'd', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+
+
+REPEAT, NEW, MINE = 0, 1, 2  # publish verdicts (see RedisBus.publish_verdicts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +181,13 @@ class RedisBus:
         NUL byte, body), `a` an operator's action (key id: the carrier). Items refused because
         Redis lost its scripts (a restart, SCRIPT FLUSH) are retried once the scripts are
         loaded again; the others' answers stand (they ran)."""
+        return [v == NEW for v in self.publish_verdicts(batch, ttl_ms)]
+
+    def publish_verdicts(
+        self, batch: Sequence[tuple[str, str, str, bytes]], ttl_ms: int
+    ) -> list[int]:
+        """As `publish`, per item: NEW, REPEAT (recorded by another origin) or MINE (an
+        outcome recorded before by this same origin: its earlier publish ran)."""
         answers = self._publish(batch, range(len(batch)), ttl_ms)
         missing = [i for i, a in enumerate(answers) if isinstance(a, NoScriptError)]
         if missing:
@@ -182,7 +197,7 @@ class RedisBus:
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
-        return [bool(a[0] if isinstance(a, list) else a) for a in answers]
+        return [int(a[0] if isinstance(a, list) else bool(a)) for a in answers]
 
     def load_scripts(self) -> None:
         """Load the Lua scripts (on every primary of a cluster)."""

@@ -10,13 +10,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
+from router.capacity import SharedCaps
 from router.config import DEFAULT_POLICY_FILE, load_config
 from router.decision_log import DecisionLog
 from router.engine import EngineOptions, OutcomeEvent, RouteDecision, RouteRequest, RoutingEngine
 from router.errors import RoutingError
+from router.identity import cluster_hmac_key, configured_key
+from router.redis_bus import connect
 from router.shared_state import SharedSettings, SharedState
 from router.snapshot import read_snapshot, write_snapshot
-from router.tracking import ServingRun, default_artifact_location, default_tracking_uri
+from router.tracking import (
+    RunLocks,
+    ServingRun,
+    default_artifact_location,
+    default_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,9 @@ class RouterService:
         if s.seed is not None:
             config = config.with_seed(s.seed)
         self.run: ServingRun | None = None
+        self.run_locks = RunLocks(s.data_dir / "runs")
+        # segments rolled before the MLflow run exists: dead writers' journals recovered below
+        self._early_segments: list[tuple[str, Path]] | None = []
         self.log = DecisionLog(
             s.data_dir / "decision_log",
             max_rows=s.log_max_rows,
@@ -76,8 +87,9 @@ class RouterService:
             validate=False,  # rows built by the engine itself; their shape is under test
         )
         self.shared = SharedState(s.shared, s.data_dir) if s.shared else None
+        self.caps: SharedCaps | None = None  # carrier caps shared by the replicas (issue 13.5)
         options = EngineOptions(
-            hmac_key=s.hmac_key or load_hmac_key(s.data_dir),
+            hmac_key=self._hmac_key(),
             max_future_skew_seconds=s.max_future_skew_seconds,
             replica=self.shared.replica if self.shared else "",
             id_seed=self.shared.id_seed if self.shared else None,
@@ -93,6 +105,7 @@ class RouterService:
         state = None if self.shared else read_snapshot(self.snapshot_path)
         if self.shared:
             self.shared.start(self.engine)
+            self.caps = self._start_shared_caps()
         elif state is not None:
             self.engine.load_state(state)
             log.info(
@@ -117,11 +130,37 @@ class RouterService:
                 tags={"role": "serving"},
                 artifact_location=None if s.tracking_uri else default_artifact_location(s.data_dir),
             )
+            self._attach_recovered()
+        self._early_segments = None
         now = time.monotonic()
         self._anchor = (self.engine.clock, now)
         self._last_snapshot = now
         self._last_metrics = now
         self._metrics_step = 0
+
+    def _start_shared_caps(self) -> SharedCaps:
+        """Carrier throughput caps as one budget for the cluster (router.capacity)."""
+        shared, s = self.shared, self.settings.shared
+        assert shared is not None and s is not None
+        caps = SharedCaps(
+            connect(s.url, s.socket_timeout, s.cluster),
+            s.prefix,
+            shared.instance,
+            self.settings.data_dir,
+        )
+        caps.start(lambda: list(self.engine.catalog.carriers.values()))
+        self.engine.eligibility.shared_caps = caps
+        return caps
+
+    def _hmac_key(self) -> bytes:
+        """The phone-number HMAC key: configured, else the cluster's from Redis (one identity
+        per cluster, router.identity), else (embedded) the data folder's key file."""
+        s = self.settings
+        if self.shared is None or s.shared is None:
+            return s.hmac_key or load_hmac_key(s.data_dir)
+        return cluster_hmac_key(
+            self.shared.bus.client, s.shared.prefix, s.data_dir, s.hmac_key or configured_key()
+        )
 
     def _log_decision(self, row: dict) -> None:
         """Log a decision and queue it for the other replicas."""
@@ -168,11 +207,44 @@ class RouterService:
         if self.shared is None:
             return {"status": "ok"}
         shared = self.shared.health()
+        if self.caps is not None:
+            shared["carrier_caps"] = self.caps.health()
         return {"status": "ok" if shared["redis"] == "up" else "degraded", "shared": shared}
 
     def _on_roll(self, stream: str, path: Path) -> None:
         if self.run is not None:
             self.run.log_segment(path, stream)
+        elif self._early_segments is not None:
+            self._early_segments.append((stream, path))
+
+    def _attach_recovered(self) -> None:
+        """Crash recovery reaches MLflow (issue 13.2). The decision log turns dead writers'
+        journals into segments before this process's run exists; each such segment goes to
+        the run of the process that wrote it (named in the journal's owner file), else (a
+        writer that declared none) to this run. Runs of dead processes (their lock in
+        `<data-dir>/runs/` held by nobody) are ended KILLED and tagged
+        `router.recovered_by=<this run>`; this run is tagged `router.recovered_from`."""
+        run = self.run
+        if run is None or run.run_id is None:
+            return
+        own = run.run_id
+        dead = set(self.run_locks.dead())
+        self.run_locks.hold(own)
+        self.log.set_owner(own)
+        for stream, path in self._early_segments or []:
+            owner = self.log.recovered_owner(path)
+            if owner is not None and owner != own:
+                run.log_segment_to(owner, path, stream)
+                dead.add(owner)
+            else:
+                run.log_segment(path, stream)
+        for run_id in sorted(dead):
+            log.warning("MLflow run %s belonged to a process that died: ending it KILLED", run_id)
+            run.end_dead_run(
+                run_id, {"router.recovered_by": own, "router.end": "process died; recovered"}
+            )
+        if dead:
+            run.set_tags({"router.recovered_from": ",".join(sorted(dead))})
 
     def event_clock(self) -> float:
         """Event time now: the latest event's time, moved on by the wall time since it came."""
@@ -212,11 +284,19 @@ class RouterService:
 
     def close(self) -> None:
         """Flush everything: the open log segments, a last snapshot, the MLflow run."""
-        self.log.close()
         if self.shared is not None:
-            self.shared.close()  # publishes what is queued and snapshots locally
+            # first: publishing what is queued writes the rows of outcomes that waited for
+            # Redis's verdict into the log
+            try:
+                if self.caps is not None:
+                    self.caps.stop()
+                self.shared.close()  # publishes what is queued and snapshots locally
+            finally:
+                self.log.close()
         else:
+            self.log.close()
             self.snapshot()
         if self.run is not None:
             self.log_metrics()
             self.run.close()
+            self.run_locks.release()

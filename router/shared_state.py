@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import orjson
 import redis
 from prometheus_client import Counter, Gauge, Histogram
 
+from router.decision_log import OUTCOMES, logged_outcomes
 from router.engine import (
     CheckedOutcome,
     OutcomeEvent,
@@ -46,7 +48,7 @@ from router.errors import (
 )
 from router.idempotency import Claim, conflict, decision_from_dict, decision_to_dict
 from router.outbox import Item, Outbox
-from router.redis_bus import Entry, RedisBus, connect
+from router.redis_bus import MINE, NEW, REPEAT, Entry, RedisBus, connect
 from router.snapshot import read_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ class SharedState:
         self.bus = RedisBus(connect(s.url, s.socket_timeout, s.cluster), s.prefix, s.shards)
         self.outbox = Outbox(self.data_dir / "outbox")
         self.snapshot_path = self.data_dir / "replicas" / f"{self.replica}.state.json"
+        # where this data folder's outcome rows are logged (router.service's layout)
+        self.outcome_log = self.data_dir / "decision_log" / OUTCOMES
         self.positions: dict[int, str] = {}
         self.up = False
         self.reason: str | None = _NOT_CONNECTED
@@ -468,11 +472,17 @@ class SharedState:
         repeats = [engine.is_repeat(c) for c in checked]
         fresh = [i for i, r in enumerate(repeats) if not r]
         with self._accept.shared():
-            new = self._publish_outcomes([_outcome_item(checked[i], self.instance) for i in fresh])
+            items = [
+                _outcome_item(checked[i], self.instance, engine.outcome_row(checked[i]))
+                for i in fresh
+            ]
+            new, deferred = self._publish_outcomes(items)
             apply = [i for i, r in enumerate(repeats) if r]
             apply += [i for i, n in zip(fresh, new, strict=True) if n]
             apply.sort()
-            applied = engine.apply_outcomes([checked[i] for i in apply])
+            # Journaled, not yet in Redis: learn now, but log the row and count it only once
+            # Redis says it is new across the replicas (the flusher does, see `_settle`).
+            applied = engine.apply_outcomes([checked[i] for i in apply], persist=not deferred)
         results = ["duplicate"] * len(checked)
         for i, result in zip(apply, applied, strict=True):
             results[i] = result
@@ -512,12 +522,14 @@ class SharedState:
             if not all_published:
                 time.sleep(0.02)
 
-    def _publish_outcomes(self, items: list[Item]) -> list[bool]:
+    def _publish_outcomes(self, items: list[Item]) -> tuple[list[bool], bool]:
         """Publish now, in one round trip after their decisions if these are still queued
         here (publishing a decision twice is harmless), or journal durably; per item, whether
-        it is new across all replicas."""
+        it is new across all replicas (as far as this replica knows: a journaled item counts
+        as new here until the flusher hears Redis's verdict), and whether they were journaled
+        (deferred: their rows are logged by the flusher, on Redis's verdict)."""
         if not items:
-            return []
+            return [], False
         if self.up:
             own = self.outbox.queued_decisions({i.decision_id for i in items})
             try:
@@ -530,9 +542,9 @@ class SharedState:
             else:
                 self._count("d", answers[: len(own)])
                 self._count("o", answers[len(own) :])
-                return answers[len(own) :]
+                return answers[len(own) :], False
         self.outbox.append(items, durable=True)
-        return [True] * len(items)
+        return [True] * len(items), True
 
     # ---- publishing ------------------------------------------------------------------------
 
@@ -540,16 +552,52 @@ class SharedState:
         """Publish everything queued, oldest first; raises RedisError if Redis fails."""
         with self._flush_lock:
             while batch := self.outbox.peek(1000):
-                answers = self.bus.publish(
+                verdicts = self.bus.publish_verdicts(
                     [(i.kind, i.origin, i.decision_id, i.payload) for _, i in batch],
                     self._ttl_ms,
                 )
+                answers = [v == NEW for v in verdicts]
                 for kind in ("d", "o", "a"):
                     self._count(
                         kind,
                         [a for (_, i), a in zip(batch, answers, strict=True) if i.kind == kind],
                     )
+                self._settle([i for _, i in batch], verdicts)
                 self.outbox.done(batch[-1][0])
+
+    def _settle(self, items: list[Item], verdicts: list[int]) -> None:
+        """Log the rows of outcomes accepted while Redis was away, now that Redis has judged
+        them: written (and counted in outcomes and spend) only if this item is the one Redis
+        recorded; another replica's earlier copy means nothing is logged here.
+
+        Design (issue 13): the local row is written only once the shared verdict is known,
+        rather than written at once and retracted later. Retraction would leave the Prometheus
+        counters (`router_spend_total`, `router_outcomes_total`, which cannot go down) counting
+        twice, and would ask every reader of the segments (finalized_view, the cost report,
+        evaluation, anything a data scientist writes) to honour retraction records. Deferring
+        costs only a delay: while Redis is away the row waits, fsynced, in the outbox journal
+        (it is part of the item), and the learner has the event at once.
+
+        MINE (Redis recorded this very item before: its publish ran but the outbox kept it, a
+        crash or a cut connection) writes the row unless the log already holds it, so a
+        journal replayed after a crash writes each row exactly once."""
+        todo = [
+            (item, v)
+            for item, v in zip(items, verdicts, strict=True)
+            if item.kind == "o" and item.row and v != REPEAT
+        ]
+        if not todo:
+            return
+        rows = [_row_from_json(item.row) for item, _ in todo]
+        mine = {_row_key(r) for (_, v), r in zip(todo, rows, strict=True) if v == MINE}
+        logged = logged_outcomes(self.outcome_log, mine) if mine else set()
+        for row in rows:
+            key = _row_key(row)
+            if key in logged:
+                continue
+            self._engine.persist_outcome_row(row)
+            if key in mine:
+                logged.add(key)
 
     def _count(self, kind: str, answers: list[bool]) -> None:
         if self.metrics is not None and answers:
@@ -767,8 +815,23 @@ def _local_doc(state: dict[str, Any], positions: dict[int, str]) -> dict[str, An
     return {"state": state, "positions": {str(k): v for k, v in positions.items()}}
 
 
-def _outcome_item(checked: CheckedOutcome, origin: str) -> Item:
-    """An accepted outcome as an outbox item: signature (the idempotency key) and payload."""
+def _row_from_json(data: bytes) -> dict[str, Any]:
+    """A decision-log outcome row from its JSON form in an outbox item."""
+    row = orjson.loads(data)
+    for name in ("at", "at_source"):
+        if row.get(name) is not None:
+            row[name] = datetime.fromisoformat(row[name])
+    return row
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    """What makes an outcome row one outcome: its decision and its signature."""
+    return row["decision_id"], outcome_signature(row["event"], row["status"])
+
+
+def _outcome_item(checked: CheckedOutcome, origin: str, row: Mapping[str, Any]) -> Item:
+    """An accepted outcome as an outbox item: signature (the idempotency key), payload and its
+    decision-log row (logged by the flusher if it had to wait for Redis)."""
     flight, ev, at = checked
     body = orjson.dumps(
         {
@@ -786,7 +849,7 @@ def _outcome_item(checked: CheckedOutcome, origin: str) -> Item:
         }
     )
     signature = outcome_signature(ev.event, ev.status).encode()
-    return Item("o", origin, flight.decision_id, signature + b"\0" + body)
+    return Item("o", origin, flight.decision_id, signature + b"\0" + body, orjson.dumps(row))
 
 
 def claim_replica(data_dir: Path) -> tuple[str, int]:

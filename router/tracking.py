@@ -9,8 +9,11 @@ can coexist in one process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import logging
+import os
 import queue
 import threading
 import time
@@ -89,6 +92,38 @@ class ServingRun:
             lambda client, run_id: client.log_artifact(
                 run_id, local, artifact_path=f"decision_log/{stream}"
             ),
+        )
+
+    def log_segment_to(self, run_id: str, path: Path, stream: str) -> None:
+        """Queue a segment as an artifact of another run of the same store (a dead process's
+        run, whose journal this process turned into a segment)."""
+        local = str(path)
+        self._submit(
+            "log_segment_to",
+            lambda client, _: client.log_artifact(
+                run_id, local, artifact_path=f"decision_log/{stream}"
+            ),
+        )
+
+    def end_dead_run(self, run_id: str, tags: Mapping[str, str], status: str = "KILLED") -> None:
+        """Queue: tag another run (a dead process's) and end it with `status` if it is still
+        RUNNING (a run already ended keeps its status)."""
+        values = {k: str(v) for k, v in tags.items()}
+
+        def end(client: MlflowClient, _: str) -> None:
+            for key, value in values.items():
+                client.set_tag(run_id, key, value)
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status)
+
+        self._submit("end_dead_run", end)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Queue tags for this run."""
+        values = {k: str(v) for k, v in tags.items()}
+        self._submit(
+            "set_tags",
+            lambda client, run_id: [client.set_tag(run_id, k, v) for k, v in values.items()],
         )
 
     def log_metrics(
@@ -192,6 +227,59 @@ class ServingRun:
                 with self._idle:
                     self._pending -= 1
                     self._idle.notify_all()
+
+
+class RunLocks:
+    """Which serving runs of a data folder belong to live processes: each live process holds an
+    exclusive `flock` on `<folder>/<run_id>.lock` for its lifetime, so a lock file nobody holds
+    names a run whose process died (SIGKILL, OOM, power) and was never ended."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def hold(self, run_id: str) -> None:
+        """Mark `run_id` live until this process exits (or `release`)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder / f"{run_id}.lock"
+        tmp = self.folder / f".{run_id}.{os.getpid()}.tmp"  # locked before it has its name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(tmp, final)
+        self._fd = fd
+
+    def dead(self) -> list[str]:
+        """Claim and remove the lock files of dead processes; their run ids."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in sorted(self.folder.glob("*.lock")):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live process's
+            else:
+                if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    path.unlink(missing_ok=True)
+                    found.append(path.stem)
+            finally:
+                os.close(fd)
+        return found
+
+    def release(self) -> None:
+        """Remove this process's lock file (a clean stop: its run is ended by `close`)."""
+        if self._fd is None:
+            return
+        for path in self.folder.glob("*.lock"):
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == os.fstat(self._fd).st_ino:
+                    path.unlink()
+        os.close(self._fd)
+        self._fd = None
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:

@@ -24,7 +24,8 @@ class WorkersNeedRedis(SystemExit):
 
 def serve_workers(args: argparse.Namespace) -> int:
     """Run `args.workers` uvicorn workers of `app_from_env` (needs a Redis URL)."""
-    import uvicorn
+    from router.cli import connection_limits
+    from router.http_server import serve
 
     if not args.redis_url:
         raise WorkersNeedRedis(
@@ -33,16 +34,15 @@ def serve_workers(args: argparse.Namespace) -> int:
         )
     _prepare(args)
     os.environ[ARGS_ENV] = json.dumps({k: v for k, v in vars(args).items() if k != "func"})
-    uvicorn.run(
+    return serve(
         "router.workers:app_from_env",
+        limits=connection_limits(args),
         factory=True,
         workers=args.workers,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        access_log=False,
     )
-    return 0
 
 
 def app_from_env() -> FastAPI:
@@ -59,7 +59,17 @@ def _prepare(args: argparse.Namespace) -> None:
 
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    load_hmac_key(data_dir)
+    if args.redis_url:  # the cluster's key: checked (or made) once here, refused before forking
+        from router.identity import cluster_hmac_key, configured_key
+        from router.redis_bus import connect
+
+        client = connect(args.redis_url, cluster=args.redis_cluster)
+        try:
+            cluster_hmac_key(client, args.redis_prefix, data_dir, configured_key())
+        finally:
+            client.close()
+    else:
+        load_hmac_key(data_dir)
     if args.no_mlflow:
         return
     from mlflow.tracking import MlflowClient

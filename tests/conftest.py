@@ -55,16 +55,24 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
 
-def launch_server(data_dir: Path, *args: str, replay: bool = True) -> LiveServer:
+def launch_server(
+    data_dir: Path, *args: str, replay: bool = True, environ: dict[str, str | None] | None = None
+) -> LiveServer:
     """Start `router serve` on a free port with `data_dir`; returns at once (see `wait_ready`).
 
-    `replay` accepts event times far from the wall clock (the tests' fixed T0).
+    `replay` accepts event times far from the wall clock (the tests' fixed T0); `environ` sets (or,
+    with None, removes) environment variables of the server.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = data_dir / f"server-{port}.log"
     env = {**os.environ, "ROUTER_HMAC_KEY": "test-key", "PYTHONUNBUFFERED": "1"}
     env.pop("REDIS_URL", None)  # shared state only where a test asks for it (--redis-url)
+    for name, value in (environ or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     cmd = [
         sys.executable,
         "-m",

@@ -742,6 +742,39 @@ def test_far_future_batch_item_rejected(live_now: LiveServer) -> None:
     assert "future" in answer["error"]["message"], answer
 
 
+SKEW_CASES = [
+    pytest.param(-3600, "past", "3,600 s in the past", id="route-1-hour-ago"),
+    pytest.param(-38 * 3600, "past", "136,800 s in the past", id="route-38-hours-ago"),
+    pytest.param(-14 * 86400, "past", "1,209,600 s in the past", id="route-14-days-ago"),
+    pytest.param(3600, "future", "3,600 s in the future", id="route-1-hour-ahead"),
+]
+
+
+@pytest.mark.parametrize(("offset", "side", "figure"), SKEW_CASES)
+def test_route_at_outside_the_skew_window_names_at_and_the_bound(
+    live_now: LiveServer, offset: float, side: str, figure: str
+) -> None:
+    """Issue 13.7: the accepted window is symmetric around the router's clock (300 s either
+    side without --replay); the error names `at`, the offset and the bound, and redaction
+    (which hides digit runs that could be phone numbers) leaves these figures readable."""
+    resp = live_now.client.post("/v1/route", json={"to": RU, "at": _in(offset)})
+    err = assert_error(resp, 422, "invalid_request", "at", side)
+    message = err["message"]
+    assert message.startswith("at: "), message
+    assert figure in message and "300 s" in message, message
+    assert "digits hidden" not in message, message
+    assert err["details"]["max_skew_seconds"] == 300, err
+    assert abs(err["details"]["offset_seconds"] - offset) < 60, err
+
+
+def test_skew_window_batch_item_in_the_past_rejected(live_now: LiveServer) -> None:
+    resp = live_now.client.post("/v1/route/batch", json=[{"to": RU, "at": _in(-3600)}])
+    assert resp.status_code == 200, resp.text
+    [answer] = resp.json()
+    assert answer["error"]["field"] == "at", answer
+    assert "3,600 s in the past" in answer["error"]["message"], answer
+
+
 def test_far_future_learned_and_logged_nothing(live_now: LiveServer, now_decision: str) -> None:
     assert metric_sum(live_now.client, "router_decisions_total") == 1
     assert metric_sum(live_now.client, "router_outcomes_total") == 0
@@ -749,6 +782,20 @@ def test_far_future_learned_and_logged_nothing(live_now: LiveServer, now_decisio
     assert log_rows(live_now.data_dir, "outcomes") == []
     view = live_now.client.get(f"/v1/decisions/{now_decision}").json()
     assert view["outcomes"] == [] and view["state"]["final_status"] is None, view
+
+
+@pytest.mark.parametrize("offset", [-200, 200], ids=["200-s-ago", "200-s-ahead"])
+def test_route_at_within_the_skew_window_is_accepted(live_now: LiveServer, offset: int) -> None:
+    resp = live_now.client.post("/v1/route", json={"to": RU, "at": _in(offset)})
+    assert resp.status_code == 200, resp.text
+
+
+def test_redaction_leaves_figures_and_hides_numbers() -> None:
+    from router.errors import InvalidRequest
+
+    err = InvalidRequest(f"timestamp is 1,209,600 s in the past (to {RU})", field="at").to_dict()
+    assert "1,209,600 s in the past" in err["message"], err
+    assert_no_number(err["message"])
 
 
 def test_number_with_non_ascii_digits_is_not_e164(live_now: LiveServer) -> None:

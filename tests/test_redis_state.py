@@ -230,7 +230,7 @@ def _replica(url: str, folder: Path) -> tuple[SharedState, RoutingEngine]:
     engine = RoutingEngine(
         load_catalog(EXAMPLE_CATALOG),
         load_config(),
-        EngineOptions(replica=shared.replica, id_seed=shared.id_seed),
+        EngineOptions(replica=shared.replica, id_seed=shared.id_seed, max_future_skew_seconds=None),
         log_decision=shared.on_decision,
     )
     shared.start(engine)
@@ -273,3 +273,61 @@ def test_lost_scripts_are_reloaded_and_answers_stay_exact(bus: RedisBus) -> None
     bus.client.script_flush()  # as after a Redis restart, or an operator's SCRIPT FLUSH
     assert bus.publish(items, ttl_ms=60_000) == [False] * 10 + [True] * 10
     assert len(bus.read({}, count=1000)) == 20
+
+
+def test_an_outcome_journaled_while_redis_was_away_is_logged_once_on_its_verdict(
+    redis_server: RedisServer | ExternalRedis, tmp_path: Path
+) -> None:
+    """Issue 13.1, in process: an outcome accepted while Redis is away is learned at once but
+    logged (and counted in spend) only when the flusher hears Redis's verdict; a verdict of
+    MINE (this very item recorded before: its publish ran, then a crash or a cut connection)
+    writes the row only if the log does not hold it already."""
+    from router.decision_log import OUTCOME_SCHEMA, OUTCOMES, read_stream
+    from router.redis_bus import MINE, NEW
+
+    folder = tmp_path / "a"
+    settings = SharedSettings(url=redis_server.url, checkpoint_seconds=3600)
+    shared = SharedState(settings, folder)
+    log = DecisionLog(folder / "decision_log", validate=False)
+    engine = RoutingEngine(
+        load_catalog(EXAMPLE_CATALOG),
+        load_config(),
+        EngineOptions(replica=shared.replica, id_seed=shared.id_seed, max_future_skew_seconds=None),
+        log_decision=shared.on_decision,
+        log_outcome=log.log_outcome,
+    )
+    shared.start(engine)
+    try:
+        shared._stop.set()  # this test drives the flusher itself
+        for thread in shared._threads:
+            thread.join(timeout=5)
+        shared.flush()
+        t0 = 1_793_606_400.0
+        decisions = [engine.route(RouteRequest("+79031234567", at=t0)) for _ in range(3)]
+        shared.flush()
+        shared.up = False  # Redis away, as far as this replica knows
+        events = [
+            OutcomeEvent(d.decision_id, "dlr", "DELIVRD", cost=0.05, currency="EUR", at=t0 + 4)
+            for d in decisions
+        ]
+        assert shared.record_outcomes(events) == ["recorded"] * 3
+        assert engine.stats.learned == 3 and engine.stats.spend == 0
+        assert log.roll_all() == []  # no outcome row yet: it waits for the verdict
+        items = [item for _, item in shared.outbox.peek(10) if item.kind == "o"]
+        assert len(items) == 3 and all(item.row for item in items)
+        # Before a crash: items 0 and 1 reached Redis, and item 0's row reached the log.
+        shared.up = True
+        first = [(i.kind, i.origin, i.decision_id, i.payload) for i in items[:2]]
+        assert shared.bus.publish_verdicts(first, 60_000) == [NEW, NEW]
+        assert shared.bus.publish_verdicts(first, 60_000) == [MINE, MINE]
+        assert shared.bus.publish_verdicts([("o", "other", *first[0][2:])], 60_000) == [0]
+        engine.persist_outcome_row(engine.outcome_row(engine.check_outcomes([events[0]])[0]))
+        shared.flush()  # verdicts MINE (logged: skipped), MINE (written), NEW (written)
+        assert len(shared.outbox) == 0
+        log.roll_all()
+        table = read_stream(log.directory, OUTCOMES, OUTCOME_SCHEMA)
+        assert sorted(table["decision_id"].to_pylist()) == sorted(d.decision_id for d in decisions)
+        assert engine.stats.spend == pytest.approx(0.15)
+    finally:
+        shared.close()
+        log.close()

@@ -11,11 +11,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import T0, LiveServer, launch_server, wait_ready
+from tests.conftest import T0, LiveServer, launch_server, start_server, wait_ready
 from tests.redis_server import ExternalRedis, LocalCluster, RedisServer, redis_from_env
 
 RU = "+79031234567"
@@ -306,3 +307,189 @@ def test_replicas_learn_as_one_on_a_redis_cluster(tmp_path_factory: pytest.TempP
         for s in (a, b):
             s.stop()
         cluster.kill()
+
+
+def test_an_outcome_posted_to_two_replicas_while_redis_is_away_is_logged_once(
+    redis_server: RedisServer | ExternalRedis, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue 13.1: with Redis away, the same receipt posted to both replicas is `recorded` by
+    each (neither can ask the other), yet once Redis returns it is in the decision logs once,
+    in spend and outcome counters once (summed over the replicas), in MLflow artifacts once,
+    and `router report cost` / `router evaluate` read it once. A second final receipt with
+    another status (UNDELIV on B, DELIVRD on A) is the same outcome: one of them, Redis's."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from router.cost_report import build_report
+    from router.decision_log import DECISIONS, OUTCOMES
+    from router.tracking import default_tracking_uri
+
+    if isinstance(redis_server, ExternalRedis):
+        pytest.skip("needs a private redis-server it can stop")
+    args = ("--redis-url", redis_server.url, "--checkpoint-seconds", "2", "--auth", "off")
+    a = launch_server(tmp_path_factory.mktemp("oa"), *args)  # MLflow on: artifacts counted
+    b = launch_server(tmp_path_factory.mktemp("ob"), *args)
+    try:
+        wait_ready(a)
+        wait_ready(b)
+        base = {s.url: metric(s, "router_outcomes_total") for s in (a, b)}
+        made = route(a, 10, t=0)  # made by A, known by both before Redis goes
+        wait_for(lambda: metric(b, "router_replicated_events_total", kind="decision") >= 10)
+        redis_server.kill()
+        wait_for(
+            lambda: all(s.client.get("/healthz").json()["status"] == "degraded" for s in (a, b)),
+            timeout=15,
+        )
+        own = route(b, 5, t=30)  # made by B while Redis is away: reported to B only
+
+        def post(server: LiveServer, ds: list[dict], status: str, t: float) -> dict:
+            body = [
+                {"decision_id": d["decision_id"], "event": "dlr", "status": status, "at": at(t)}
+                | {"cost": 0.05, "currency": "EUR"}
+                for d in ds
+            ]
+            resp = server.client.post("/v1/outcomes", json=body)
+            assert resp.status_code == 200, resp.text
+            return resp.json()
+
+        assert post(a, made, "DELIVRD", 5)["recorded"] == 10
+        assert post(b, made[:5], "DELIVRD", 5)["recorded"] == 5  # the very same receipt
+        assert post(b, made[5:], "UNDELIV", 6)["recorded"] == 5  # another final receipt
+        assert post(b, own, "DELIVRD", 35)["recorded"] == 5
+        assert post(b, own, "DELIVRD", 35)["duplicates"] == 5  # a repeat on one replica
+        # Nothing logged or counted yet: the rows wait in the outbox for Redis's verdict.
+        assert metric(a, "router_spend_total") + metric(b, "router_spend_total") == 0
+
+        redis_server.start()
+        wait_for(
+            lambda: all(
+                (h := s.client.get("/healthz").json())["status"] == "ok"
+                and h["shared"]["outbox"] == 0
+                for s in (a, b)
+            ),
+            timeout=30,
+        )
+        wait_for(lambda: learned(a) == learned(b) == 15, timeout=15)
+        spend = metric(a, "router_spend_total") + metric(b, "router_spend_total")
+        assert spend == pytest.approx(15 * 0.05)
+        counted = sum(metric(s, "router_outcomes_total") - base[s.url] for s in (a, b))
+        assert counted == 15
+        repeats = sum(
+            metric(s, "router_published_total", kind="o", result="repeat") for s in (a, b)
+        )
+        assert repeats == 10  # B's copies of A's decisions' receipts lost in Redis
+    finally:
+        for s in (a, b):
+            s.stop()
+
+    # Every outcome once in the two replicas' segments, and in their MLflow artifacts.
+    rows = [
+        row
+        for s in (a, b)
+        for p in (s.data_dir / "decision_log" / OUTCOMES).glob("*.parquet")
+        for row in pq.read_table(p).to_pylist()
+    ]
+    ids = [r["decision_id"] for r in rows]
+    assert sorted(ids) == sorted(d["decision_id"] for d in made + own)
+    assert sum(r["cost"] for r in rows) == pytest.approx(15 * 0.05)
+    artifacts = 0
+    for s in (a, b):
+        client = MlflowClient(default_tracking_uri(s.data_dir))
+        exp = client.get_experiment_by_name("sms-routing-serving")
+        (run,) = client.search_runs([exp.experiment_id])
+        assert run.data.metrics["spend"] >= 0
+        local = Path(
+            client.download_artifacts(run.info.run_id, "decision_log", str(s.data_dir / "dl"))
+        )
+        artifacts += sum(pq.read_table(p).num_rows for p in (local / OUTCOMES).glob("*.parquet"))
+    assert artifacts == 15
+
+    # Finance gathers both replicas' segments in one folder: spend once, one status each.
+    both = tmp_path_factory.mktemp("both")
+    for stream in (DECISIONS, OUTCOMES):
+        (both / stream).mkdir()
+        for s in (a, b):
+            for p in (s.data_dir / "decision_log" / stream).glob("*.parquet"):
+                shutil.copy(p, both / stream / f"{s.data_dir.name}-{p.name}")
+    report = build_report(both)
+    assert report.totals["messages"] == 15
+    assert report.totals["spend"] == pytest.approx(15 * 0.05)
+    assert (report.view["n_events"] == 1).all()
+
+
+def test_outcomes_acked_while_redis_was_away_by_a_replica_then_killed_are_logged_once(
+    redis_server: RedisServer | ExternalRedis, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issues 13.1 and 13.2 together: receipts acknowledged from the outbox while Redis is
+    away, the replica SIGKILLed, Redis back, the replica restarted on its folder: each outcome
+    is once in the folder's segments and once in the MLflow artifacts of its runs; the killed
+    run ends KILLED and holds the decisions it made."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from router.decision_log import DECISIONS, OUTCOMES
+    from router.tracking import default_tracking_uri
+
+    if isinstance(redis_server, ExternalRedis):
+        pytest.skip("needs a private redis-server it can stop")
+    args = ("--redis-url", redis_server.url, "--auth", "off")
+    a = start_server(tmp_path_factory.mktemp("ka"), *args)
+    made = [route(a, t=120 * k)[0] for k in range(12)]  # spread: most settle for evaluate
+    redis_server.kill()
+    wait_for(lambda: a.client.get("/healthz").json()["status"] == "degraded", timeout=15)
+    for k, d in enumerate(made):  # fsynced in the outbox only
+        assert delivered(a, [d], t=120 * k + 5)["recorded"] == 1
+    a.stop(signal.SIGKILL)
+    redis_server.start()
+    again = start_server(a.data_dir, *args)
+    try:
+        wait_for(lambda: again.client.get("/healthz").json()["shared"]["outbox"] == 0, 30)
+        assert learned(again) == 12
+    finally:
+        again.stop()
+
+    def ids(folder: Path, stream: str) -> list[str]:
+        return [
+            i
+            for p in (folder / stream).glob("*.parquet")
+            for i in pq.read_table(p)["decision_id"].to_pylist()
+        ]
+
+    want = sorted(d["decision_id"] for d in made)
+    assert sorted(ids(a.data_dir / "decision_log", OUTCOMES)) == want
+    assert sorted(ids(a.data_dir / "decision_log", DECISIONS)) == want
+    client = MlflowClient(default_tracking_uri(a.data_dir))
+    exp = client.get_experiment_by_name("sms-routing-serving")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    logged: dict[str, list[str]] = {OUTCOMES: [], DECISIONS: []}
+    for run in runs:
+        local = Path(
+            client.download_artifacts(run.info.run_id, "decision_log", str(a.data_dir / "dl"))
+        )
+        for stream in logged:
+            logged[stream] += ids(local, stream)
+        (local.parent / "decision_log").rename(a.data_dir / f"dl-{run.info.run_id}")
+    assert sorted(logged[OUTCOMES]) == want and sorted(logged[DECISIONS]) == want
+    # `router evaluate --run-id` of the killed run: its decisions, and their outcomes logged
+    # by the run that recovered it, as the data folder holds them
+    from router.evaluate_run import EvaluateOptions, run_evaluation
+
+    (killed,) = [r.info.run_id for r in runs if r.info.status == "KILLED"]
+    common = {"candidates": ["uniform"], "bootstrap": 0}
+    by_run = run_evaluation(
+        EvaluateOptions(
+            run_id=killed,
+            tracking_uri=default_tracking_uri(a.data_dir),
+            out=a.data_dir / "e1",
+            **common,
+        )
+    )
+    on_disk = run_evaluation(
+        EvaluateOptions(logs=a.data_dir / "decision_log", out=a.data_dir / "e2", **common)
+    )
+    numbers = by_run.select_dtypes("number").columns
+    assert by_run["n"].iloc[0] >= 9
+    pd.testing.assert_frame_equal(by_run[numbers], on_disk[numbers])

@@ -157,3 +157,110 @@ def test_default_locations(tmp_path: Path) -> None:
     assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert default_artifact_location(tmp_path) == (tmp_path.resolve() / "mlartifacts").as_uri()
     assert default_artifact_location(tmp_path).startswith("file:///")
+
+
+def test_a_sigkilled_server_s_segments_reach_its_run_which_ends_killed(tmp_path: Path) -> None:
+    """Issue 13.2: `router serve` (MLflow on) SIGKILLed mid-traffic, restarted on its data dir:
+    the segments recovered from its journals are artifacts of its own run, that run is ended
+    KILLED (not left RUNNING), and `router evaluate --run-id` of it sees every decision it
+    acknowledged."""
+    import signal
+    import threading
+
+    import httpx
+
+    from router.evaluate_run import EvaluateOptions, run_evaluation
+    from tests.conftest import start_server
+    from tests.test_replicas import RU, at, wait_for
+
+    data = tmp_path / "srv"
+    live = start_server(data)
+    decided: list[str] = []
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(base_url=live.url, timeout=10) as client:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    resp = client.post("/v1/route", json={"to": RU, "at": at(n * 120)})
+                    did = resp.json()["decision_id"]
+                    decided.append(did)
+                    body = {"decision_id": did, "event": "dlr", "status": "DELIVRD"}
+                    answer = client.post("/v1/outcomes", json=body | {"at": at(n * 120 + 3)})
+                except httpx.TransportError:
+                    return
+                if answer.status_code == 200 and answer.json()["recorded"] == 1:
+                    acked.append(did)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    wait_for(lambda: len(acked) >= 40, timeout=60)
+    live.proc.send_signal(signal.SIGKILL)  # mid-traffic: nothing rolled, all in journals
+    live.proc.wait()
+    stop.set()
+    thread.join(timeout=30)
+    live.client.close()
+
+    uri = default_tracking_uri(data)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sms-routing-serving")
+    (dead,) = client.search_runs([experiment.experiment_id])
+    assert dead.info.status == "RUNNING"  # what SIGKILL leaves behind
+    assert not client.list_artifacts(dead.info.run_id, "decision_log/decisions")
+
+    again = start_server(data)
+    again.stop()
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+    dead_id = dead.info.run_id
+    (new_id,) = set(runs) - {dead_id}
+    assert runs[dead_id].info.status == "KILLED"
+    assert runs[dead_id].data.tags["router.recovered_by"] == new_id
+    assert runs[new_id].data.tags["router.recovered_from"] == dead_id
+    assert runs[new_id].info.status == "FINISHED"
+    assert not list((data / "runs").glob("*.lock"))  # clean stop: no live run left
+
+    local = Path(client.download_artifacts(dead_id, "decision_log", str(tmp_path / "dl")))
+    ids = {
+        i
+        for p in (local / "decisions").glob("*.parquet")
+        for i in pq.read_table(p)["decision_id"].to_pylist()
+    }
+    outcome_ids = [
+        i
+        for p in (local / "outcomes").glob("*.parquet")
+        for i in pq.read_table(p)["decision_id"].to_pylist()
+    ]
+    assert set(decided) <= ids  # every answered decision (and maybe one cut off by the kill)
+    assert set(acked) <= set(outcome_ids)
+    assert len(outcome_ids) == len(set(outcome_ids))
+    # `router evaluate --run-id` of the dead run sees what the data folder's log holds
+    frame = run_evaluation(
+        EvaluateOptions(
+            candidates=["uniform"], run_id=dead_id, tracking_uri=uri, out=tmp_path / "e1"
+        )
+    )
+    on_disk = run_evaluation(
+        EvaluateOptions(candidates=["uniform"], logs=data / "decision_log", out=tmp_path / "e2")
+    )
+    assert frame["n"].tolist() == on_disk["n"].tolist()
+    assert frame["n"].iloc[0] >= len(acked) - 5  # all but the last few (not settled yet)
+
+
+def test_run_locks_tell_live_runs_from_dead_ones(tmp_path: Path) -> None:
+    import os
+
+    from router.tracking import RunLocks
+
+    live, dying = RunLocks(tmp_path), RunLocks(tmp_path)
+    live.hold("run-live")
+    dying.hold("run-dead")
+    assert RunLocks(tmp_path).dead() == []  # both held
+    assert dying._fd is not None
+    os.close(dying._fd)  # the process dies: its lock goes, its file stays
+    assert RunLocks(tmp_path).dead() == ["run-dead"]
+    assert RunLocks(tmp_path).dead() == []  # claimed once
+    live.release()
+    assert not list(tmp_path.glob("*.lock"))
