@@ -690,45 +690,33 @@ class RoutingEngine:
         flight.seen.add(signature)
         closed = flight.decision_id not in self.inflight
         mc = self.config.message_classes[flight.message_class]
-        cost = ev.cost
         if ev.event == "submit":
-            cost = self._on_submit(flight, status, cost, at)
-            status = status or "ACCEPTED"
+            self._on_submit(flight, status, at)
         elif ev.event == "dlr":
-            cost = self._on_dlr(flight, status, cost, at, mc, ev)
+            self._on_dlr(flight, status, at, mc, ev)
         else:
             self._on_conversion(flight, at)
-        latency_ms = round((at - flight.at) * 1000)
-        self._log_outcome(
-            flight, ev.event, at, status, ev.error_code, cost, ev.currency, latency_ms, persist, ev
-        )
+        self._log_outcome(flight, self.outcome_row((flight, ev, at)), persist)
         if not closed:
             self._maybe_close(flight, mc)
         return "late" if closed else "recorded"
 
-    def _on_submit(
-        self, flight: InFlight, status: str | None, cost: float | None, at: float
-    ) -> float | None:
-        ok = bool(submit_accepted(status))
-        if not ok:
+    def _on_submit(self, flight: InFlight, status: str | None, at: float) -> None:
+        if not submit_accepted(status):
             if flight.final_status is None:
                 flight.final_status = "SUBMIT_FAILED"
             self._learn(flight, False, at, None)
-        if cost is None and ok and not flight.billing_on_delivery:
-            cost = flight.unit_price * flight.segments
-        return cost
 
     def _on_dlr(
         self,
         flight: InFlight,
         status: str | None,
-        cost: float | None,
         at: float,
         mc: MessageClass,
         ev: OutcomeEvent,
-    ) -> float | None:
+    ) -> None:
         if status not in FINAL_DLR:
-            return cost
+            return
         if flight.final_status is None or flight.final_status == "TIMEOUT":
             flight.final_status = status
         delivered = status == "DELIVRD"
@@ -743,12 +731,9 @@ class RoutingEngine:
             )
             self._learn(flight, within, at, latency if within > 0 else None)
             self._track_truth(flight, mc)
-            if cost is None and flight.billing_on_delivery:
-                cost = flight.unit_price * flight.segments
             self.stats.delivered += 1
         else:
             self._learn(flight, False, at, None)
-        return cost
 
     def _on_conversion(self, flight: InFlight, at: float) -> None:
         flight.converted = True
@@ -804,17 +789,10 @@ class RoutingEngine:
         elif kind == TIMEOUT and flight.final_status is None:
             flight.final_status = "TIMEOUT"
             self._learn(flight, False, due, None)
-            self._log_outcome(
-                flight,
-                "timeout",
-                due,
-                "TIMEOUT",
-                None,
-                None,
-                None,
-                round((due - flight.at) * 1000),
-                flight.origin == self.options.replica,  # the deciding replica logs it
+            row = self._outcome_row(
+                flight, "timeout", due, "TIMEOUT", None, None, None, round((due - flight.at) * 1000)
             )
+            self._log_outcome(flight, row, flight.origin == self.options.replica)  # its decider
         self._maybe_close(flight, mc, due)
 
     def _maybe_close(self, flight: InFlight, mc: MessageClass, now: float | None = None) -> None:
@@ -826,22 +804,8 @@ class RoutingEngine:
         self.inflight.pop(flight.decision_id, None)
         self.recent.add(flight)
 
-    def _log_outcome(
-        self,
-        flight: InFlight,
-        event: str,
-        at: float,
-        status: str | None,
-        error_code: str | None,
-        cost: float | None,
-        currency: str | None,
-        latency_ms: int | None,
-        persist: bool = True,
-        ev: OutcomeEvent | None = None,
-    ) -> None:
-        row = self._outcome_row(
-            flight, event, at, status, error_code, cost, currency, latency_ms, ev
-        )
+    def _log_outcome(self, flight: InFlight, row: dict[str, Any], persist: bool = True) -> None:
+        """Keep an outcome row with its decision; `persist` counts and logs it too."""
         flight.events.append(
             {
                 **row,
@@ -853,17 +817,23 @@ class RoutingEngine:
             self.persist_outcome_row(row)
 
     def outcome_row(self, checked: CheckedOutcome) -> dict[str, Any]:
-        """The decision-log row that applying this checked event logs, computed without
-        applying it (no side effects): status and cost as `_apply` derives them."""
+        """The decision-log row of a checked event, without side effects (`_apply` logs this
+        row; replicas compute it before Redis's verdict): the status upper-cased (a submit
+        without one is ACCEPTED), and, when the event reports no cost, the catalog price if
+        it is the event the carrier bills on (an accepted submit, or a DELIVRD receipt for a
+        carrier billing on delivery)."""
         flight, ev, at = checked
         status = (ev.status or "").upper() or None
         cost = ev.cost
+        billed = (
+            submit_accepted(status) and not flight.billing_on_delivery
+            if ev.event == "submit"
+            else ev.event == "dlr" and status == "DELIVRD" and flight.billing_on_delivery
+        )
+        if cost is None and billed:
+            cost = flight.unit_price * flight.segments
         if ev.event == "submit":
-            if cost is None and submit_accepted(status) and not flight.billing_on_delivery:
-                cost = flight.unit_price * flight.segments
             status = status or "ACCEPTED"
-        elif ev.event == "dlr" and status == "DELIVRD" and flight.billing_on_delivery:
-            cost = flight.unit_price * flight.segments if cost is None else cost
         latency_ms = round((at - flight.at) * 1000)
         return self._outcome_row(
             flight, ev.event, at, status, ev.error_code, cost, ev.currency, latency_ms, ev
@@ -895,7 +865,7 @@ class RoutingEngine:
         cost: float | None,
         currency: str | None,
         latency_ms: int | None,
-        ev: OutcomeEvent | None,
+        ev: OutcomeEvent | None = None,
     ) -> dict[str, Any]:
         flag = ev.at_flag if ev is not None else None
         row = {
