@@ -296,14 +296,7 @@ class ReceiptMatcher:
         )
         if exact or learned:
             return exact | learned
-        others: set[str] = set()
-        for relation in RELATIONS:
-            if relation == self._relation:
-                continue
-            for found in self._ids.find(_readings(literal, relation, from_receipt=True)):
-                if self._relation is None or _no_doubt(found, literal) is not None:
-                    others.add(found)
-        return others
+        return self._other_readings(self._ids, literal, from_receipt=True)
 
     def _find_held(self, literal: str) -> str | None:
         """The held receipts' id that a newly registered submit id fits (exact first)."""
@@ -316,14 +309,21 @@ class ReceiptMatcher:
                 return next(iter(learned))
             if learned:
                 return None
-        others: set[str] = set()
+        others = self._other_readings(self._held, literal, from_receipt=False)
+        return next(iter(others)) if len(others) == 1 else None
+
+    def _other_readings(self, table: _IdTable, literal: str, *, from_receipt: bool) -> set[str]:
+        """The other side's ids `literal` fits under relations other than the learned one:
+        any while none is learned, else only where the two ids leave no doubt."""
+        found: set[str] = set()
         for relation in RELATIONS:
             if relation == self._relation:
                 continue
-            for found in self._held.find(_readings(literal, relation, from_receipt=False)):
-                if self._relation is None or _no_doubt(literal, found) is not None:
-                    others.add(found)
-        return next(iter(others)) if len(others) == 1 else None
+            for other in table.find(_readings(literal, relation, from_receipt=from_receipt)):
+                submitted, received = (other, literal) if from_receipt else (literal, other)
+                if self._relation is None or _no_doubt(submitted, received) is not None:
+                    found.add(other)
+        return found
 
     def _learn(self, submitted: str, received: str) -> None:
         """Learn (or relearn) the carrier's id relation from matches that leave no doubt."""
