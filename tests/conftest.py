@@ -124,9 +124,8 @@ def start_server(data_dir: Path, *args: str, replay: bool = True) -> LiveServer:
     return wait_ready(launch_server(data_dir, *args, replay=replay))
 
 
-@pytest.fixture
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ExternalRedis]:
-    """A Redis for one test: REDIS_URL's (flushed) when set, else a private `redis-server`."""
+def _redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ExternalRedis]:
+    """REDIS_URL's Redis (flushed) when set, else a private `redis-server`, killed after."""
     srv = redis_from_env(tmp_path_factory.mktemp("redis"))
     if isinstance(srv, ExternalRedis):
         with srv.client() as c:
@@ -134,6 +133,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     yield srv
     if isinstance(srv, RedisServer):
         srv.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ExternalRedis]:
+    """A Redis for one test."""
+    yield from _redis(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ExternalRedis]:
+    """One Redis for a module's replicas."""
+    yield from _redis(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

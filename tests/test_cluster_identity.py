@@ -7,7 +7,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,21 +16,10 @@ import redis
 
 from router.identity import HmacKeyMismatch, cluster_hmac_key, fingerprint
 from tests.conftest import T0, LiveServer, launch_server, wait_ready
-from tests.redis_server import ExternalRedis, RedisServer, redis_from_env
+from tests.redis_server import ExternalRedis, RedisServer
 
 RU = "+79031234567"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ExternalRedis]:
-    srv = redis_from_env(tmp_path_factory.mktemp("redis"))
-    if isinstance(srv, ExternalRedis):
-        with srv.client() as c:
-            c.flushdb()
-    yield srv
-    if isinstance(srv, RedisServer):
-        srv.kill()
 
 
 def replica(data_dir: Path, url: str, prefix: str, key: str | None) -> LiveServer:

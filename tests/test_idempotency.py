@@ -244,17 +244,6 @@ def test_the_local_keys_are_bounded_and_expire_in_event_time() -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ExternalRedis]:
-    srv = redis_from_env(tmp_path_factory.mktemp("redis"))
-    if isinstance(srv, ExternalRedis):
-        with srv.client() as c:
-            c.flushdb()
-    yield srv
-    if isinstance(srv, RedisServer):
-        srv.kill()
-
-
-@pytest.fixture(scope="module")
 def pair(
     shared_redis: RedisServer | ExternalRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LiveServer, LiveServer]]:

@@ -41,6 +41,7 @@ from carriers.ledger import JobRecord, RedisLedger
 from carriers.queue import Job, RedisStreamQueue
 from tests.conftest import LiveServer, free_port, launch_server, wait_ready
 from tests.redis_server import ExternalRedis, RedisServer
+from tests.smsc34_server import BEHAVIOURS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMSC_SCRIPT = ROOT / "tests" / "smsc34_server.py"
@@ -52,18 +53,6 @@ SETTLE_TIMEOUT_S = 45.0  # the longest a test waits for the traffic to settle
 QUIET_S = 3.0  # settled: everything sent has its receipt and nothing moved for this long
 TIME_SLACK_S = 1.0  # a receipt's event time may be at most this much after it was sent
 
-BEHAVIOURS = (
-    "appendixb10",
-    "appendixb12",
-    "tlv_only",
-    "intermediate",
-    "hex_resp_dec_receipt",
-    "mixed_ids",
-    "clock_fast",
-    "utc_plus3",
-    "receipt_first",
-    "long_parts",
-)
 JOBS = {"mixed_ids": 40, "long_parts": 24}  # per behaviour; others send 30
 
 

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import T0, LiveServer, launch_server, start_server, wait_ready
-from tests.redis_server import ExternalRedis, LocalCluster, RedisServer, redis_from_env
+from tests.redis_server import ExternalRedis, LocalCluster, RedisServer
 
 RU = "+79031234567"
 
@@ -93,18 +93,6 @@ def evidence(server: LiveServer) -> dict[str, float]:
     """Per carrier, the evidence behind its RU estimate."""
     body = server.client.get("/v1/carriers", params={"country": "RU"}).json()
     return {c["id"]: c["countries"]["RU"]["evidence"] for c in body["carriers"] if c["countries"]}
-
-
-@pytest.fixture(scope="module")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ExternalRedis]:
-    """One Redis for the module's replicas (REDIS_URL's, flushed, or a private server)."""
-    srv = redis_from_env(tmp_path_factory.mktemp("redis"))
-    if isinstance(srv, ExternalRedis):
-        with srv.client() as c:
-            c.flushdb()
-    yield srv
-    if isinstance(srv, RedisServer):
-        srv.kill()
 
 
 @pytest.fixture(scope="module")
