@@ -7,6 +7,7 @@ again (at-least-once). The job ledger (`carriers/ledger.py`) makes that redelive
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -152,6 +153,8 @@ class RedisStreamQueue:
         self._held: set[str] = set()
         self._touched = time.monotonic()
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._toucher: threading.Thread | None = None
         try:
             self.redis.xgroup_create(stream, group, id="0", mkstream=True)
         except redis.ResponseError as exc:
@@ -164,6 +167,10 @@ class RedisStreamQueue:
 
     def get(self, count: int, timeout: float) -> list[Delivery]:
         """Claimed stale entries first, then new ones (blocking up to `timeout` seconds)."""
+        if self._toucher is None:
+            self._toucher = threading.Thread(target=self._keep_fresh, name="queue-touch")
+            self._toucher.daemon = True
+            self._toucher.start()
         self.touch()
         out: list[Delivery] = []
         reply = self.redis.xautoclaim(
@@ -197,6 +204,13 @@ class RedisStreamQueue:
             self.redis.xclaim(
                 self.stream, self.group, self.consumer, 0, held[i : i + 500], justid=True
             )
+
+    def _keep_fresh(self) -> None:
+        """Touch the entries in hand even while every sending thread waits (on the router, a
+        carrier): a worker that is slow but alive keeps its jobs."""
+        while not self._closed.wait(self.claim_idle_ms / 3000):
+            with contextlib.suppress(redis.RedisError):
+                self.touch()
 
     def _deliveries(self, entries: list[Any], redelivered: bool) -> list[Delivery]:
         out: list[Delivery] = []
@@ -240,5 +254,8 @@ class RedisStreamQueue:
         return int(self.redis.xlen(self.stream))
 
     def close(self) -> None:
-        """Release the connection pool."""
+        """Stop touching and release the connection pool."""
+        self._closed.set()
+        if self._toucher is not None:
+            self._toucher.join(timeout=5)
         self.redis.close()

@@ -248,6 +248,16 @@ class ReceiptMatcher:
         with self._lock:
             return _literal(message_id) in self._held
 
+    def held_receipts(self) -> list[Receipt]:
+        """The first receipt of each id held without a submit (a snapshot)."""
+        with self._lock:
+            return [rs[0] for _, rs in self._held.items.values() if rs]  # type: ignore[index]
+
+    def take_held(self, message_id: str) -> list[Receipt]:
+        """Remove and return the receipts held under an id (matched elsewhere)."""
+        with self._lock:
+            return list(self._held.pop(_literal(message_id)) or [])  # type: ignore[call-overload]
+
     def release(self, message_id: str) -> None:
         """Drop the held receipts of an id that was matched elsewhere (another connection's
         submit, found in a shared ledger)."""

@@ -22,7 +22,7 @@ import select
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, tzinfo
@@ -56,6 +56,8 @@ _WIRE_LOGGER = "carriers.smpp.wire"  # smpplib hex-dumps PDUs (numbers included)
 logging.getLogger(_WIRE_LOGGER).setLevel(logging.INFO)  # so those dumps are never emitted
 _CONNECTION_ERRORS = (exceptions.ConnectionError, exceptions.PDUError, OSError)
 _POLL_S = 0.2
+_SWEEP_S = 1.0  # how often receipts held without a submit are looked up in the shared ledger
+_ABANDONED_KEPT = 10_000  # timed-out submits per bind whose late answer is still read
 
 Bind = Literal["transceiver", "pair"]
 ReceiptHandler = Callable[[str, Receipt], None]
@@ -76,6 +78,9 @@ class SubmitResult:
     error: str | None  # e.g. "ESME_RINVDSTADR", "timeout", "connection lost"; never a number
     temporary: bool  # the failure may succeed later or elsewhere
     parts: int
+    # A part left on the wire and no answer came (timeout, session lost): the carrier may have
+    # accepted it, so it was not sent again, and must not be sent again by the caller.
+    unconfirmed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,16 +108,18 @@ class CarrierStats:
     bad_receipts: int  # receipt PDUs that could not be read
     other_messages: int  # deliver_sm/data_sm that were not receipts (mobile-originated)
     callback_errors: int
+    swept_receipts: int  # held receipts reported once the shared ledger knew their id
 
 
 class _Pending:
     """One submit_sm waiting for its response."""
 
-    __slots__ = ("done", "failure", "message_id", "sent", "sequence", "status")
+    __slots__ = ("done", "failure", "message_id", "sent", "sequence", "status", "written")
 
     def __init__(self, sent: Sent | None) -> None:
         self.sent = sent
         self.sequence = -1
+        self.written = False  # the PDU went out on the socket
         self.done = threading.Event()
         self.status = 0
         self.message_id = ""
@@ -131,6 +138,11 @@ class _Pending:
         return self.failure is not None or self.status in TEMPORARY_STATUSES
 
     @property
+    def unconfirmed(self) -> bool:
+        """Sent, and no answer: the carrier may or may not have it."""
+        return self.written and self.failure is not None
+
+    @property
     def error(self) -> str:
         return self.failure or status_name(self.status)
 
@@ -143,6 +155,7 @@ class _BindConnection:
         self.client: Client | None = None
         self.send_lock = threading.Lock()
         self.waiting: dict[int, _Pending] = {}
+        self.abandoned: OrderedDict[int, _Pending] = OrderedDict()  # timed out, may answer late
         self.waiting_lock = threading.Lock()
         self.stopping = False
         self.closed = False
@@ -198,6 +211,7 @@ class _BindConnection:
                 with self.waiting_lock:
                     self.waiting.pop(pdu.sequence, None)
                 raise
+            pending.written = True
 
     def respond(self, pdu_name: str, request: Any, status: int = consts.SMPP_ESME_ROK) -> None:
         """Answer a request PDU with the same sequence number."""
@@ -214,12 +228,21 @@ class _BindConnection:
             return self.waiting.pop(sequence, None)
 
     def give_up(self, pending: _Pending) -> bool:
-        """Stop waiting for `pending`; False if its answer is being handled already."""
+        """Stop waiting for `pending`; False if its answer is being handled already. A late
+        answer still finds it among the abandoned, so the message id is not lost."""
         with self.waiting_lock:
             if self.waiting.get(pending.sequence) is not pending:
                 return False
             del self.waiting[pending.sequence]
+            self.abandoned[pending.sequence] = pending
+            while len(self.abandoned) > _ABANDONED_KEPT:
+                self.abandoned.popitem(last=False)
             return True
+
+    def take_abandoned(self, sequence: int) -> _Pending | None:
+        """Remove and return the submit that timed out waiting on `sequence`."""
+        with self.waiting_lock:
+            return self.abandoned.pop(sequence, None)
 
     def fail_waiting(self, failure: str) -> None:
         """Resolve every waiting submit as failed (the link is gone)."""
@@ -362,6 +385,7 @@ class SmppCarrier:
         matcher: ReceiptMatcher | None = None,
         resolve_unmatched: Callable[[Receipt], str | None] | None = None,
         receipt_tz: tzinfo = UTC,
+        on_late_accept: Callable[[str, str], None] | None = None,
     ) -> None:
         if bind not in ("transceiver", "pair"):
             raise ValueError(f"bind must be 'transceiver' or 'pair', not {bind!r}")
@@ -381,6 +405,8 @@ class SmppCarrier:
         self.matcher = matcher or ReceiptMatcher()
         self.resolve_unmatched = resolve_unmatched
         self.receipt_tz = receipt_tz  # the zone of the SMSC's receipt dates (no offset in them)
+        # (key, message id) of a first part accepted after its submit stopped waiting.
+        self.on_late_accept = on_late_accept
         self._window = threading.BoundedSemaphore(window)
         self._bucket = TokenBucket(max_tps) if max_tps else None
         self._link: _Link | None = None
@@ -447,8 +473,11 @@ class SmppCarrier:
             self._link = link
             self._connected.set()
             log.info("carrier %s: bound (%s)", self.carrier_id, self.bind)
+            swept = time.monotonic()
             while not link.dead.wait(_POLL_S) and not self._stopping.is_set():
-                pass
+                if time.monotonic() - swept >= _SWEEP_S:
+                    swept = time.monotonic()
+                    self._sweep_held()
             self._connected.clear()
             self._link = None
             link.close("closed" if self._stopping.is_set() else "connection lost")
@@ -506,14 +535,27 @@ class SmppCarrier:
                 ids[i] = item.message_id
             if failure is None:
                 return SubmitResult(True, tuple(map(str, ids)), 0, None, False, n)
-            if not failure.temporary or attempt == self.max_retries or self._closing:
+            if (
+                not failure.temporary
+                or failure.unconfirmed
+                or attempt == self.max_retries
+                or self._closing
+            ):
                 break
             time.sleep(backoff_delay(attempt, *self.retry_backoff))
         for message_id in filter(None, ids):
             for sent, receipt in self.matcher.forget(message_id):
                 self._report(sent, receipt)
         accepted = tuple(message_id or "" for message_id in ids)
-        return SubmitResult(False, accepted, failure.status, failure.error, failure.temporary, n)
+        return SubmitResult(
+            False,
+            accepted,
+            failure.status,
+            failure.error,
+            failure.temporary,
+            n,
+            unconfirmed=failure.unconfirmed,
+        )
 
     def _send_part(self, sent: Sent | None, fields: dict[str, Any]) -> _Pending:
         """Send one submit_sm within the throughput cap and the window; wait for its answer."""
@@ -595,12 +637,28 @@ class SmppCarrier:
         pending = bind.take(pdu.sequence)
         if pending is None:
             self._count("late_responses")
+            self._on_late_resp(bind, pdu)
             return
         message_id = _text(getattr(pdu, "message_id", None))
         early: list[Receipt] = []
         if pdu.status == consts.SMPP_ESME_ROK and pending.sent is not None and message_id:
             early = self.matcher.sent(message_id, pending.sent)
         pending.resolve(pdu.status, message_id)
+        for receipt in early:
+            self._report(pending.sent, receipt)
+
+    def _on_late_resp(self, bind: _BindConnection, pdu: Any) -> None:
+        """An answer after the submit gave up waiting: an acceptance still says where the
+        message went, so its receipts find their decision (`on_late_accept` tells the caller)."""
+        pending = bind.take_abandoned(pdu.sequence)
+        message_id = _text(getattr(pdu, "message_id", None))
+        if pending is None or pending.sent is None or pdu.status != consts.SMPP_ESME_ROK:
+            return
+        if not message_id:
+            return
+        early = self.matcher.sent(message_id, pending.sent)
+        if self.on_late_accept is not None and pending.sent.part == 0:
+            self.on_late_accept(pending.sent.key, message_id)
         for receipt in early:
             self._report(pending.sent, receipt)
 
@@ -640,8 +698,9 @@ class SmppCarrier:
 
     def _resolve_elsewhere(self, receipt: Receipt) -> bool:
         """A receipt for no submit of this connection: ask `resolve_unmatched` (a shared job
-        ledger, for messages another worker submitted before it died); else it stays held.
-        False when the ledger could not be asked (the receipt must not be acknowledged)."""
+        ledger, for messages another worker submitted); else it stays held, and is asked for
+        again while held (`_sweep_held`: the worker that sent it may not have written its id
+        yet). False when the ledger could not be asked (the receipt must not be acknowledged)."""
         if self.resolve_unmatched is None or self.on_receipt is None:
             return True
         try:
@@ -660,6 +719,31 @@ class SmppCarrier:
             )
             return False
         return True
+
+    def _sweep_held(self) -> None:
+        """Ask the shared ledger again for the receipts held without a submit: one that came
+        before the sending worker recorded its message id is reported once the id is there."""
+        if self.resolve_unmatched is None or self.on_receipt is None:
+            return
+        for receipt in self.matcher.held_receipts():
+            try:
+                key = self.resolve_unmatched(receipt)
+            except Exception:  # the ledger is away: the next sweep asks again
+                return
+            if key is None:
+                continue
+            for held in self.matcher.take_held(receipt.message_id):
+                self._count("reported_receipts")
+                self._count("swept_receipts")
+                try:
+                    self.on_receipt(key, held)
+                except Exception as exc:
+                    self._count("callback_errors")
+                    log.warning(
+                        "carrier %s: a held receipt's report failed (%s)",
+                        self.carrier_id,
+                        type(exc).__name__,
+                    )
 
     def _report(self, sent: Sent, receipt: Receipt) -> None:
         """Hand a matched receipt to `on_receipt` (first parts only)."""

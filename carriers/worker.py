@@ -3,8 +3,13 @@
 Each job is routed over HTTP, submitted on the chosen carrier's link, and its submit result,
 receipts and (for retries) follow-up decisions reported back to the router. A job is
 acknowledged on the queue only after its submit outcome reached the router, and the job ledger
-lets a worker that takes over a dead worker's job reuse its decision and skip what was already
-submitted: at-least-once delivery, never a double count.
+lets a worker that takes over a dead worker's job skip what was already submitted.
+
+A submit that left without an answer (the wait or the session ended first) is *unconfirmed*:
+the carrier may have accepted it. It is never sent again, by this worker or one that takes the
+job over, because sending twice bills and delivers twice; it is reported as UNCONFIRMED (the
+router awaits its receipt like an accepted one) and counted. A late acceptance still maps its
+message id, so the receipt finds the decision. At most once on the wire, never a double count.
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ import httpx
 
 from carriers.dlr import Receipt
 from carriers.encoding import parts_count
-from carriers.ledger import JobLedger, JobRecord, MemoryLedger
+from carriers.ledger import (
+    FAILED,
+    SENDING,
+    SUBMITTED,
+    UNCONFIRMED,
+    JobLedger,
+    JobRecord,
+    MemoryLedger,
+)
 from carriers.queue import Delivery, Job, MessageQueue
 from carriers.receipt_time import ReceiptClock
 from carriers.reporter import OutcomeReporter
@@ -54,11 +67,13 @@ class WallClock:
 
 
 def submit_status(result: SubmitResult) -> str:
-    """The submit status word the router takes: ACCEPTED, the SMPP command_status name
-    (ESME_RINVDSTADR, or its hex number), or the link's failure as a word (TIMEOUT,
-    CONNECTION_LOST, GENERIC_NACK, …)."""
+    """The submit status word the router takes: ACCEPTED, UNCONFIRMED (sent, no answer), the
+    SMPP command_status name (ESME_RINVDSTADR, or its hex number), or the link's failure as a
+    word (NOT_CONNECTED, WINDOW_FULL, GENERIC_NACK, …)."""
     if result.ok:
         return "ACCEPTED"
+    if result.unconfirmed:
+        return "UNCONFIRMED"
     error = (result.error or "ERROR").strip()
     if error.startswith("generic_nack"):
         return "GENERIC_NACK"
@@ -101,6 +116,9 @@ class WorkerStats:
     receipts: int = 0
     unmatched_receipts: int = 0
     skipped_redelivered: int = 0
+    unconfirmed: int = 0  # sent without an answer: not sent again (the carrier may have it)
+    ledger_errors: int = 0  # a submit's result not written to the ledger (Redis away)
+    taken_over: int = 0  # claimed by another worker while this one waited: sent by that one
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,20 +246,21 @@ class SenderWorker:
             self._count("jobs")
             record = self.ledger.get(job.job_id)
             ack = self._acker(d)
-            if record is not None and record.submitted:
-                # Sent by a worker that died before acknowledging: its submit outcome may not
-                # have reached the router, so report it again (a repeat changes nothing there).
+            if record is not None and (record.submitted or record.may_have_left):
+                # Sent (or perhaps sent) by a worker that died before acknowledging: its submit
+                # outcome may not have reached the router, so report it again (a repeat changes
+                # nothing there); a submit that may have left is never sent a second time.
                 self._count("skipped_redelivered")
-                event = OutcomeEvent(record.decision_id, "submit", "ACCEPTED", at=self.clock.now())
+                status = "ACCEPTED" if record.submitted else "UNCONFIRMED"
+                event = OutcomeEvent(record.decision_id, "submit", status, at=self.clock.now())
                 self.reporter.report([event], ack)
                 continue
             first_at = job.at if job.at is not None else self.clock.now()
             attempt = _Attempt(job, 1, (), None, first_at)
-            if record is not None and record.carrier in self.links:
-                # Routed by a worker that died before submitting: reuse its decision.
-                reused = _Attempt(job, record.attempt, (), None, first_at)
-                self._submit(reused, record.decision_id, record.carrier, ack)
-                continue
+            if record is not None:  # its last submit failed: the next attempt, elsewhere
+                attempt = _Attempt(
+                    job, record.attempt + 1, (record.carrier,), record.decision_id, first_at
+                )
             fresh.append((attempt, d))
         decisions = self._route_many([a for a, _ in fresh])
         for (a, d), decision in zip(fresh, decisions, strict=True):
@@ -266,9 +285,6 @@ class SenderWorker:
             self._submit(a, decision.decision_id, decision.carrier, None)
 
     def _decided(self, a: _Attempt, decision: RouteDecision) -> None:
-        self.ledger.put(
-            a.job.job_id, JobRecord(decision.decision_id, decision.carrier, a.attempt, False)
-        )
         if self.on_decision is not None:
             self.on_decision(a.job, decision)
 
@@ -285,7 +301,18 @@ class SenderWorker:
                 self._submitted_at.popitem(last=False)
         if link is None:
             result = SubmitResult(False, (), -1, "NO_LINK", False, parts_count(job.text))
+        elif not self.ledger.begin(job.job_id, JobRecord(decision_id, carrier, a.attempt, SENDING)):
+            # Another worker claimed this job while this one waited (on the router, say) and
+            # sends it: it reports and acknowledges it, this one lets go.
+            self._count("taken_over")
+            with self._lock:
+                self._pending.pop(decision_id, None)
+                self._submitted_at.pop(decision_id, None)
+            return
         else:
+            # Recorded before the submit leaves: a worker that takes this job over after a crash
+            # must not send it again (a redelivery before this line routes it again, and the
+            # route call's idempotency key gives back this same decision).
             result = link.submit(decision_id, job.to, job.text, source=job.source)
         now = self.clock.now()
         event = OutcomeEvent(
@@ -297,17 +324,35 @@ class SenderWorker:
         )
         if result.ok:
             self._count("submitted")
-            self.ledger.put(job.job_id, JobRecord(decision_id, carrier, a.attempt, True))
-            if result.message_ids:  # receipts are reported for the first part
-                self.ledger.map_message(carrier, result.message_ids[0], decision_id)
+            message_id = result.message_ids[0] if result.message_ids else None
+            self._record(
+                job.job_id, JobRecord(decision_id, carrier, a.attempt, SUBMITTED), message_id
+            )
+        elif result.unconfirmed:  # awaits its receipt (a late answer maps its id), no retry
+            self._count("unconfirmed")
+            self._record(job.job_id, JobRecord(decision_id, carrier, a.attempt, UNCONFIRMED))
         else:
             self._count("submit_failed")
+            if link is not None:
+                self._record(job.job_id, JobRecord(decision_id, carrier, a.attempt, FAILED))
             with self._lock:
                 self._pending.pop(decision_id, None)
                 self._submitted_at.pop(decision_id, None)
         self.reporter.report([event], done)
-        if not result.ok:
+        if not result.ok and not result.unconfirmed:
             self._maybe_retry(a, decision_id, carrier, now)
+
+    def _record(self, job_id: str, record: JobRecord, message_id: str | None = None) -> None:
+        """Write a submit's result to the ledger (and its first part's message id). After the
+        submit this must not stop the report: if the ledger (Redis) is away, the record stays
+        SENDING, which a redelivery reads as unconfirmed, never as a reason to send again."""
+        try:
+            self.ledger.put(job_id, record)
+            if message_id:  # receipts are reported for the first part
+                self.ledger.map_message(record.carrier, message_id, record.decision_id)
+        except Exception as exc:
+            self._count("ledger_errors")
+            log.warning("job ledger unreachable after a submit (%s)", type(exc).__name__)
 
     def _request(self, a: _Attempt) -> RouteRequest:
         job = a.job
@@ -384,6 +429,13 @@ class SenderWorker:
     def receipt_handler(self, carrier: str) -> Callable[[str, Receipt], None]:
         """The `on_receipt` callback for `carrier`'s link."""
         return lambda key, receipt: self.on_receipt(carrier, key, receipt)
+
+    def late_accept_handler(self, carrier: str) -> Callable[[str, str], None]:
+        """The link's `on_late_accept`: share the message id of an unconfirmed submit, so a
+        receipt read by another worker's bind finds its decision too."""
+        return lambda decision_id, message_id: self.ledger.map_message(
+            carrier, message_id, decision_id
+        )
 
     def receipt_resolver(self, carrier: str) -> Callable[[Receipt], str | None]:
         """The link's `resolve_unmatched`: the decision of a message another worker sent."""

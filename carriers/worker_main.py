@@ -232,6 +232,7 @@ def run_worker(args: argparse.Namespace) -> int:
             max_tps=s.max_tps,
             on_receipt=worker.receipt_handler(s.carrier),
             resolve_unmatched=worker.receipt_resolver(s.carrier),
+            on_late_accept=worker.late_accept_handler(s.carrier),
             receipt_tz=receipt_timezone(s.receipt_tz),
         )
         try:

@@ -16,8 +16,11 @@ DLR_STATUSES = FINAL_DLR | INTERMEDIATE_DLR
 # The submit-result vocabulary (`POST /v1/outcomes`, event "submit"): these words mean accepted;
 # SMPP command_status names (ESME_R…) or numbers other than 0, and the sender's own failure
 # words, mean the submit failed; anything else is refused, so a typo (or a receipt word such as
-# ACCEPTD) is never learned as a failed submit.
-SUBMIT_OK = frozenset({"ACCEPTED", "OK", "ESME_ROK", "SUCCESS", "0", "0X00000000"})
+# ACCEPTD) is never learned as a failed submit. UNCONFIRMED (sent, no answer came: the carrier
+# may have it, and the sender does not send it again) counts as accepted: the decision awaits its
+# receipt until the deadline, and a carrier billing on submit is billed, since it most likely
+# took the message; the word stays in the decision log so finance can count such submits.
+SUBMIT_OK = frozenset({"ACCEPTED", "OK", "ESME_ROK", "SUCCESS", "0", "0X00000000", "UNCONFIRMED"})
 SUBMIT_FAILURE_WORDS = frozenset(
     {
         "FAILED",

@@ -214,6 +214,29 @@ def test_submit_words_are_explicit(live: LiveServer) -> None:
     assert refused.status_code == 422 and refused.json()["error"]["field"] == "status"
 
 
+def test_an_unconfirmed_submit_awaits_its_receipt_and_is_billed(live: LiveServer) -> None:
+    """UNCONFIRMED (sent, no answer: the sender does not send it again) is not a failure: the
+    decision waits for its receipt, and a carrier billing on submit bills it."""
+    d = _route(live)
+    did = d["decision_id"]
+    answer = _post(live, {"decision_id": did, "event": "submit", "status": "UNCONFIRMED"})
+    assert answer["results"] == ["recorded"]
+    view = live.client.get(f"/v1/decisions/{did}").json()
+    assert view["state"]["final_status"] is None  # pending, not SUBMIT_FAILED
+    (submit,) = view["outcomes"]
+    assert submit["status"] == "UNCONFIRMED"
+    carrier = next(
+        c for c in live.client.get("/v1/carriers").json()["carriers"] if c["id"] == d["carrier"]
+    )
+    if carrier["billing"] == "submit":
+        assert submit["cost"] > 0
+    else:
+        assert not submit["cost"]
+    _post(live, {"decision_id": did, "event": "dlr", "status": "DELIVRD"})
+    view = live.client.get(f"/v1/decisions/{did}").json()
+    assert view["state"]["final_status"] == "DELIVRD"
+
+
 def test_the_log_holds_the_time_columns(live: LiveServer) -> None:
     """After the server stops, the outcome segments carry at_source/at_flag/latency bounds."""
     live.stop()

@@ -287,15 +287,26 @@ def test_a_killed_worker_process_loses_no_job_and_counts_none_twice(
         try:
             assert wait_for(lambda: queue.pending() == 0, timeout=90)
             records = {j.job_id: ledger.get(j.job_id) for j in jobs}
-            assert all(r is not None and r.submitted for r in records.values())
+            assert all(r is not None for r in records.values())
+            # The killed worker's submits in flight (one per sending thread at most) may have
+            # reached the SMSC: they are never sent again, and their receipts have no known id.
+            unconfirmed = {r.decision_id for r in records.values() if r and r.may_have_left}
+            assert all(r.submitted for r in records.values() if r and not r.may_have_left)
+            assert len(unconfirmed) <= 4
             assert wait_for(
                 lambda: all(
                     any(o["event"] == "dlr" for o in outcomes(live, r.decision_id))
                     for r in records.values()
-                    if r is not None
+                    if r is not None and r.submitted
                 ),
                 timeout=60,
-            )
+            ), [
+                (r, outcomes(live, r.decision_id))
+                for r in records.values()
+                if r is not None
+                and r.submitted
+                and not any(o["event"] == "dlr" for o in outcomes(live, r.decision_id))
+            ]
         finally:
             second.send_signal(signal.SIGTERM)
             assert second.wait(timeout=60) == 0  # graceful: drained and stopped
@@ -308,9 +319,14 @@ def test_a_killed_worker_process_loses_no_job_and_counts_none_twice(
         outs = outcomes(live, did)
         submits = [o for o in outs if o["event"] == "submit"]
         dlrs = [o for o in outs if o["event"] == "dlr"]
-        assert len(submits) == 1 and len(dlrs) == 1  # never counted twice
+        if did in unconfirmed:
+            assert [o["status"] for o in submits] == ["UNCONFIRMED"] and len(dlrs) <= 1
+        else:
+            assert len(submits) == 1 and len(dlrs) == 1  # never counted twice
     accepted = sum(s.counters.accepted for s in fleet.smscs.values())
-    assert len(jobs) <= accepted <= len(jobs) + 4 * 2  # at most the killed one's in-flight resent
+    # Never sent twice: every job reached the SMSC once, but for the in-flight ones that died
+    # with the worker before they left.
+    assert len(jobs) - len(unconfirmed) <= accepted <= len(jobs)
 
 
 def test_worker_reads_jobs_from_stdin(live, fleet_factory, tmp_path):
