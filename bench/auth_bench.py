@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from router.auth import Auth
-from router.errors import Unauthorized
-from router.keys import KEYS_FILE, FileKeyStore, KeySet, Limit, new_key
-from router.ratelimit import RedisBuckets, TokenBuckets
+from router.contract.errors import Unauthorized
+from router.http.auth import Auth
+from router.http.keys import KEYS_FILE, FileKeyStore, KeySet, Limit, new_key
+from router.http.ratelimit import RedisBuckets, TokenBuckets
 
 
 def per_call_us(fn: Callable[[], object], n: int, rounds: int = 7) -> float:

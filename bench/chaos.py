@@ -20,7 +20,7 @@ posted to the replica that did not make its decision (the cross-replica path).
 At the end it stops enqueueing, waits (bounded) for the stream, the workers' journals and the
 SMSCs' owed receipts to drain, stops every process gracefully and reconciles, deduplicating
 nothing (every row of both replicas' decision-log segments is counted, read with
-`router.decision_log.read_stream`):
+`router.log.decision_log.read_stream`):
 
     jobs in = first-attempt decisions; decisions = submit results = decision records in Redis
     jobs in = submits accepted (log) = submits accepted (SMSCs)
@@ -99,7 +99,7 @@ def smsc_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from carriers.catalog import load_catalog
-    from carriers.smsc import Fate, PlannedReceipt, SimulatedSMSC, Submission
+    from carriers.smsc.server import Fate, PlannedReceipt, SimulatedSMSC, Submission
     from features.numbering import DestinationParser
 
     catalog = load_catalog()
@@ -441,7 +441,7 @@ class Chaos:
         """XADD jobs at a steady rate with explicit increasing ids `<n>-1`: a retry after a lost
         answer is refused as "equal or smaller" exactly when the first XADD was applied, so the
         count of jobs in is exact across Redis kills."""
-        from carriers.queue import Job
+        from carriers.sender.queue import Job
 
         client = redis.Redis.from_url(self.redis.url, socket_timeout=2, socket_connect_timeout=1)
         t0, n = time.monotonic(), 0
@@ -702,7 +702,7 @@ def reconcile(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from router.decision_log import (
+    from router.log.decision_log import (
         DECISION_SCHEMA,
         DECISIONS,
         OUTCOME_SCHEMA,

@@ -27,15 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from carriers.catalog import load_catalog
 from experiments.world import World, load_scenario
 from router.cli import tune_gc
-from router.config import load_config
-from router.decision_log import DecisionLog
-from router.engine import (
+from router.core.config import load_config
+from router.core.engine import (
     EngineOptions,
     OutcomeEvent,
     RouteDecision,
     RouteRequest,
     RoutingEngine,
 )
+from router.log.decision_log import DecisionLog
 from tests.conftest import LiveServer, start_server
 
 T0 = 1_793_602_800.0  # 2026-11-02T07:00Z
@@ -193,7 +193,7 @@ def _client(args: tuple[str, str, list[dict], int, float]) -> list[float]:
 
 def bench_http(reqs: list[RouteRequest], clients: int, seconds: float) -> dict:
     """Decisions per second and latency over HTTP, `clients` processes against one worker."""
-    from router.client import _request_json
+    from router.contract.client import _request_json
 
     with tempfile.TemporaryDirectory() as tmp:
         live = _start_server(Path(tmp))
@@ -270,7 +270,7 @@ def bench_wrk(reqs: list[RouteRequest], seconds: int) -> dict:
     """One uvicorn worker under wrk: no-op /healthz (the peer), single and batched decisions."""
     import json
 
-    from router.client import _request_json
+    from router.contract.client import _request_json
 
     with tempfile.TemporaryDirectory() as tmp:
         live = _start_server(Path(tmp))

@@ -3,7 +3,7 @@
 
 Times `Accumulator.update` (IPS, SNIPS, DM, DR and SNDR from one pass, with a reward model's
 predictions given), the same starting from per-pair π_e and q̂ (Σπ_e q̂ and q̂ of the logged
-carrier computed per chunk, as `router.evaluation` does) plus the weight histogram, and the
+carrier computed per chunk, as `router.offline.evaluation` does) plus the weight histogram, and the
 Poisson bootstrap, chunk by chunk as evaluation streams them. Each figure is the median of
 `--repeats` runs. Run it with obp's venv (`scripts/obp_check.sh` builds it; then
 `PYTHONPATH=. ~/.cache/sms-router/obp-venv/bin/python bench/ope_bench.py`) to time obp's IPS,

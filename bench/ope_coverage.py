@@ -31,7 +31,7 @@ from test_ope import simulate, true_value  # noqa: E402
 
 from bandit.ope import QPI  # noqa: E402
 from carriers.catalog import load_catalog  # noqa: E402
-from router.evaluation import RewardModel, evaluate, make_candidate  # noqa: E402
+from router.offline.evaluation import RewardModel, evaluate, make_candidate  # noqa: E402
 
 POLICIES = ("static", "cheapest")
 

@@ -4,7 +4,8 @@
 1. Synthetic decision logs (decisions and outcomes as Parquet segments, the engine's schemas; the
    example catalog's carriers and eligible sets; a random logging policy with exact
    propensities) are written segment by segment, never held whole.
-2. Ours: `router.evaluation.evaluate` (cross-fitted reward model, IPS/SNIPS/DM/DR/SNDR, Poisson
+2. Ours: `router.offline.evaluation.evaluate` (cross-fitted reward model, IPS/SNIPS/DM/DR/SNDR,
+Poisson
    bootstrap B=200, weight histograms; three candidates) runs in a child process per log size,
    its peak RSS read from `wait4`. With `--cap-gb`, ours on the largest log and obp on its
    largest also run under that address-space cap (RLIMIT_AS).
@@ -51,7 +52,7 @@ START = datetime(2026, 11, 2, tzinfo=UTC)
 
 def _segment(seg: int, rows: int, seed: int, catalog: object) -> tuple[pa.Table, pa.Table]:
     """One segment of decisions and their outcomes (submit, DLR, conversion)."""
-    from router.decision_log import DECISION_SCHEMA, OUTCOME_SCHEMA
+    from router.log.decision_log import DECISION_SCHEMA, OUTCOME_SCHEMA
 
     rng = np.random.default_rng([seed, seg])
     carriers = list(catalog.carriers)  # type: ignore[attr-defined]
@@ -171,8 +172,8 @@ def generate(directory: Path, n: int, seed: int = 1) -> int:
 def ours(logs: Path, rows_per_partition: int, export: Path | None) -> None:
     """Evaluate the candidates on the log (child process); print the estimates as JSON."""
     from carriers.catalog import load_catalog
-    from router.config import load_config
-    from router.evaluation import RewardModel, evaluate, make_candidate
+    from router.core.config import load_config
+    from router.offline.evaluation import RewardModel, evaluate, make_candidate
 
     catalog = load_catalog()
     carriers = {c: i for i, c in enumerate(catalog.carriers)}

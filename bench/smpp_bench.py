@@ -28,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carriers.dlr import Receipt
-from carriers.receipt_match import ReceiptMatcher
-from carriers.smpp_client import SmppCarrier
-from carriers.smsc import Fate, PlannedReceipt, SimulatedSMSC, Submission
+from carriers.smpp.client import SmppCarrier
+from carriers.smpp.dlr import Receipt
+from carriers.smpp.receipt_match import ReceiptMatcher
+from carriers.smsc.server import Fate, PlannedReceipt, SimulatedSMSC, Submission
 
 NUMBER = "+447700900123"
 

@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from carriers.catalog import load_catalog  # noqa: E402
-from carriers.journal import FileJournal, MemoryJournal, OutcomeJournal, RedisJournal  # noqa: E402
-from carriers.ledger import MemoryLedger  # noqa: E402
-from carriers.queue import InProcessQueue, Job  # noqa: E402
-from carriers.reporter import OutcomeReporter  # noqa: E402
-from carriers.smpp_client import SmppCarrier  # noqa: E402
-from carriers.worker import SenderWorker, WorkerOptions  # noqa: E402
-from router.client import RouterClient  # noqa: E402
+from carriers.sender.journal import FileJournal, MemoryJournal, OutcomeJournal, RedisJournal  # noqa: E402
+from carriers.sender.ledger import MemoryLedger  # noqa: E402
+from carriers.sender.queue import InProcessQueue, Job  # noqa: E402
+from carriers.sender.reporter import OutcomeReporter  # noqa: E402
+from carriers.sender.worker import SenderWorker, WorkerOptions  # noqa: E402
+from carriers.smpp.client import SmppCarrier  # noqa: E402
+from router.contract.client import RouterClient  # noqa: E402
 
 DE_CARRIERS = ("globalprime", "eurodirect", "budgetroute")
 JOURNAL = {"kind": "memory", "dir": Path(tempfile.gettempdir()), "redis_url": ""}
@@ -56,7 +56,7 @@ def journal_for(name: str) -> OutcomeJournal:
 
 def smsc_process(ports: mp.Queue, stop: mp.Event, accounts: int) -> None:  # type: ignore[type-arg]
     """Run one simulated SMSC per German carrier until told to stop."""
-    from carriers.smsc import SimulatedSMSC, deliver_after
+    from carriers.smsc.server import SimulatedSMSC, deliver_after
 
     smscs = [
         SimulatedSMSC(

@@ -31,8 +31,8 @@ from bandit.policies import POLICIES, Arm, DecisionContext, draw, make_policy
 from bandit.reward import MessageClass
 from experiments.runner import _experiment, _log_values
 from experiments.world import SCENARIOS, ScenarioError
-from router.console import report_console
-from router.tracking import default_artifact_location, default_tracking_uri
+from router.commands.console import report_console
+from router.log.tracking import default_artifact_location, default_tracking_uri
 
 SPEC = SCENARIOS / "cost_subsidy" / "bernoulli.yaml"
 SPECS = sorted(SPEC.parent.glob("*.yaml"))  # every shipped cost-subsidy experiment

@@ -26,7 +26,7 @@ from experiments.world import (
     RouteSpec,
     World,
 )
-from router.engine import RouteDecision, RoutingEngine
+from router.core.engine import RouteDecision, RoutingEngine
 
 NIGHT_END_HOUR = 6  # the world's night drop applies before 06:00 local time
 

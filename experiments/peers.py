@@ -21,7 +21,7 @@ import numpy as np
 from bandit.model import CarrierModel
 from bandit.policies import Arm, DecisionContext, Distribution, Policy
 from bandit.reward import MessageClass
-from router.engine import RouteDecision, RouteRequest, RoutingEngine
+from router.core.engine import RouteDecision, RouteRequest, RoutingEngine
 
 EXTRA = "pip install -e '.[peers]'"
 

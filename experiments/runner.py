@@ -43,11 +43,11 @@ from experiments.peers import PEERS, PeerEngine, missing_library, use_peer
 from experiments.play import play
 from experiments.plots import plot_regret, plot_split
 from experiments.world import SCENARIOS, World, load_scenario
-from router.config import EngineConfig, load_config
-from router.console import report_console
-from router.decision_log import DecisionLog
-from router.engine import EngineOptions, RoutingEngine
-from router.tracking import default_artifact_location, default_tracking_uri
+from router.core.config import EngineConfig, load_config
+from router.commands.console import report_console
+from router.log.decision_log import DecisionLog
+from router.core.engine import EngineOptions, RoutingEngine
+from router.log.tracking import default_artifact_location, default_tracking_uri
 
 BASELINES = ("thompson", "cheapest", "static", "uniform", "round_robin", "epsilon_greedy")
 COMPARED = (*BASELINES, "cost_subsidy", *PEERS)  # what `router experiment results` plays

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from carriers.catalog import EXAMPLE_CATALOG, CatalogError
-from router.config import DEFAULT_POLICY_FILE, ConfigError
-from router.identity import HmacKeyMismatch
+from router.core.config import DEFAULT_POLICY_FILE, ConfigError
+from router.replicas.identity import HmacKeyMismatch
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from router.http_server import ConnectionLimits
-    from router.shared_state import SharedSettings
-from router.keys_cli import add_keys_parser
+    from router.http.server import ConnectionLimits
+    from router.replicas.shared_state import SharedSettings
+from router.commands.keys import add_keys_parser
 
 
 def tune_gc() -> None:
@@ -33,11 +33,11 @@ def tune_gc() -> None:
 
 def build_app(args: argparse.Namespace) -> FastAPI:
     """The served application from `router serve`'s options (also each worker's factory)."""
-    from router.api import create_app
-    from router.auth import serving_auth
-    from router.keys import Limit, open_store
-    from router.ratelimit import RedisBuckets
-    from router.service import RouterService, ServiceSettings
+    from router.http.api import create_app
+    from router.http.auth import serving_auth
+    from router.http.keys import Limit, open_store
+    from router.http.ratelimit import RedisBuckets
+    from router.serving.service import RouterService, ServiceSettings
 
     settings = ServiceSettings(
         data_dir=Path(args.data_dir),
@@ -61,7 +61,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
 def _shared_settings(args: argparse.Namespace) -> SharedSettings | None:
     """Redis-shared state when a Redis URL is given (option or $REDIS_URL)."""
-    from router.shared_state import SharedSettings
+    from router.replicas.shared_state import SharedSettings
 
     if not args.redis_url:
         return None
@@ -74,8 +74,8 @@ def _shared_settings(args: argparse.Namespace) -> SharedSettings | None:
 
 
 def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
-    """`router serve`'s per-worker connection limits (router.http_server)."""
-    from router.http_server import ConnectionLimits
+    """`router serve`'s per-worker connection limits (router.http.server)."""
+    from router.http.server import ConnectionLimits
 
     return ConnectionLimits(
         header_timeout=args.header_timeout,
@@ -86,10 +86,10 @@ def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from router.http_server import serve
+    from router.http.server import serve
 
     if args.workers > 1:
-        from router.workers import serve_workers
+        from router.serving.workers import serve_workers
 
         return serve_workers(args)
     return serve(
@@ -102,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from router.demo import DemoOptions, run_demo
+    from router.commands.demo import DemoOptions, run_demo
 
     run_demo(
         DemoOptions(
@@ -160,7 +160,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from router.evaluate_run import EvaluateOptions, run_evaluation
+    from router.offline.evaluate_run import EvaluateOptions, run_evaluation
 
     try:
         run_evaluation(
@@ -183,7 +183,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from router.cost_report import CostReportOptions, parse_by, parse_when, run_cost_report
+    from router.offline.cost_report import CostReportOptions, parse_by, parse_when, run_cost_report
 
     try:
         run_cost_report(
@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     add_keys_parser(sub)
 
-    from carriers.deadletters_main import build_parser as deadletters_parser
-    from carriers.worker_main import build_parser as worker_parser
+    from carriers.sender.deadletters_main import build_parser as deadletters_parser
+    from carriers.sender.main import build_parser as worker_parser
 
     worker_parser(sub)
     deadletters_parser(sub)

@@ -791,7 +791,7 @@ def test_route_at_within_the_skew_window_is_accepted(live_now: LiveServer, offse
 
 
 def test_redaction_leaves_figures_and_hides_numbers() -> None:
-    from router.errors import InvalidRequest
+    from router.contract.errors import InvalidRequest
 
     err = InvalidRequest(f"timestamp is 1,209,600 s in the past (to {RU})", field="at").to_dict()
     assert "1,209,600 s in the past" in err["message"], err

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
-from router.keys import new_key
-from router.redact import redact
+from router.contract.redact import redact
+from router.http.keys import new_key
 from tests.conftest import T0, LiveServer, start_server
 
 pytestmark = pytest.mark.usefixtures("without_redis_env")

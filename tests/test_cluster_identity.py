@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from router.identity import HmacKeyMismatch, cluster_hmac_key, fingerprint
+from router.replicas.identity import HmacKeyMismatch, cluster_hmac_key, fingerprint
 from tests.conftest import T0, LiveServer, launch_server, wait_ready
 from tests.redis_server import ExternalRedis, RedisServer
 

@@ -15,8 +15,8 @@ from test_ope import simulate
 
 from carriers.catalog import load_catalog
 from router.cli import main
-from router.cost_report import build_report, parse_when
-from router.decision_log import DecisionLog
+from router.log.decision_log import DecisionLog
+from router.offline.cost_report import build_report, parse_when
 
 DAY1 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(days=1)

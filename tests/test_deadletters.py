@@ -23,15 +23,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from carriers.deadletters import DEAD_LETTER_FILE, FileDeadLetters, RedisDeadLetters
-from carriers.journal import FileJournal, RedisJournal
-from carriers.queue import RedisStreamQueue
-from carriers.reporter import OutcomeReporter
-from carriers.smsc import SimulatedSMSC, deliver_after
-from carriers.worker import SenderWorker
-from carriers.worker_metrics import worker_registry
-from router.client import RouterClient
-from router.engine import OutcomeEvent, RouteRequest
+from carriers.sender.deadletters import DEAD_LETTER_FILE, FileDeadLetters, RedisDeadLetters
+from carriers.sender.journal import FileJournal, RedisJournal
+from carriers.sender.metrics import worker_registry
+from carriers.sender.queue import RedisStreamQueue
+from carriers.sender.reporter import OutcomeReporter
+from carriers.sender.worker import SenderWorker
+from carriers.smsc.server import SimulatedSMSC, deliver_after
+from router.contract.client import RouterClient
+from router.core.engine import OutcomeEvent, RouteRequest
 from tests.conftest import LiveServer, free_port, start_server
 from tests.test_worker import CARRIERS, DE, jobs_for, wait_for
 

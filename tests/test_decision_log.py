@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bandit.reward import MessageClass
-from router.decision_log import (
+from router.log.decision_log import (
     DECISION_SCHEMA,
     OUTCOME_SCHEMA,
     DecisionLog,
@@ -266,7 +266,7 @@ def test_failing_on_roll_is_logged_not_raised(
         raise RuntimeError("artifact store down")
 
     writer = SegmentWriter(tmp_path, OUTCOME_SCHEMA, max_rows=1, on_roll=explode)
-    with caplog.at_level(logging.ERROR, logger="router.decision_log"):
+    with caplog.at_level(logging.ERROR, logger="router.log.decision_log"):
         writer.append(outcome("d1", 1, "submit"))
     assert "on_roll callback failed" in caplog.text
     assert len(files(tmp_path, "*.parquet")) == 1
@@ -304,7 +304,7 @@ CHILD = """
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from router.decision_log import DECISION_SCHEMA, SegmentWriter
+from router.log.decision_log import DECISION_SCHEMA, SegmentWriter
 sys.path.insert(0, sys.argv[3])
 from test_decision_log import decision
 
@@ -370,7 +370,7 @@ def test_torn_last_line_is_skipped_and_stray_tmp_removed(
     (tmp_path / "part-20250101T000000-000007-deadbeefdead.parquet.tmp").write_bytes(b"PAR1 half")
 
     recovered: list[Path] = []
-    with caplog.at_level(logging.WARNING, logger="router.decision_log"):
+    with caplog.at_level(logging.WARNING, logger="router.log.decision_log"):
         writer = SegmentWriter(tmp_path, DECISION_SCHEMA, on_roll=recovered.append)
 
     assert "torn line 3" in caplog.text

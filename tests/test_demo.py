@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from router.decision_log import DECISION_SCHEMA, OUTCOME_SCHEMA, read_stream
-from router.demo import DemoOptions, run_demo
+from router.commands.demo import DemoOptions, run_demo
+from router.log.decision_log import DECISION_SCHEMA, OUTCOME_SCHEMA, read_stream
 
 
 def test_demo_runs_the_whole_loop_over_smpp(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from smpplib import smpp
 from smpplib.client import SimpleSequenceGenerator
 
-from carriers.dlr import (
+from carriers.smpp.dlr import (
     MESSAGE_STATES,
     STATUSES,
     Receipt,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from carriers.catalog import Catalog, load_catalog
-from router.config import load_config
-from router.eligibility import Eligibility, TokenBucket
-from router.engine import EngineOptions, RouteRequest, RoutingEngine
-from router.errors import NoEligibleCarrier
+from router.contract.errors import NoEligibleCarrier
+from router.core.config import load_config
+from router.core.eligibility import Eligibility, TokenBucket
+from router.core.engine import EngineOptions, RouteRequest, RoutingEngine
 
 T0 = 1_793_602_800.0
 

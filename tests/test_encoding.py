@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from carriers.encoding import (
+from carriers.smpp.encoding import (
     ESM_CLASS_UDHI,
     GSM7,
     MAX_USER_DATA_OCTETS,

@@ -7,16 +7,16 @@ from pathlib import Path
 import orjson
 
 from carriers.catalog import load_catalog
-from router.config import load_config
-from router.decision_log import (
+from router.core.config import load_config
+from router.core.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
+from router.core.inflight import InFlight
+from router.log.decision_log import (
     DECISION_SCHEMA,
     OUTCOME_SCHEMA,
     DecisionLog,
     finalized_view,
     read_stream,
 )
-from router.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
-from router.inflight import InFlight
 
 T0 = 1_793_602_800.0
 

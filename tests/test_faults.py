@@ -17,7 +17,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from router.redis_bus import RedisBus
+from router.replicas.redis_bus import RedisBus
 from tests.conftest import LiveServer, launch_server, wait_ready
 from tests.redis_server import ExternalRedis, RedisServer
 from tests.test_replicas import RU, at, evidence, learned, metric, replica_args, wait_for

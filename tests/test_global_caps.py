@@ -15,7 +15,7 @@ import redis
 import yaml
 
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
-from router.capacity import SharedCaps
+from router.replicas.capacity import SharedCaps
 from tests.conftest import T0, LiveServer, launch_server, wait_ready
 from tests.redis_server import RedisServer
 

@@ -218,8 +218,8 @@ def test_one_log_row_per_key_and_keys_survive_a_restart(tmp_path: Path) -> None:
 def test_the_local_keys_are_bounded_and_expire_in_event_time() -> None:
     from prometheus_client import CollectorRegistry
 
-    from router.engine import RouteDecision
-    from router.idempotency import Claim, IdempotencyKeys
+    from router.core.engine import RouteDecision
+    from router.core.idempotency import Claim, IdempotencyKeys
 
     keys = IdempotencyKeys(capacity=5, registry=CollectorRegistry())
 

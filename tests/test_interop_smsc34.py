@@ -37,8 +37,8 @@ import pytest
 pytest.importorskip("smpp34", reason="the interop SMSC needs smpp34: pip install -e '.[dev]'")
 
 from carriers.catalog import load_catalog
-from carriers.ledger import JobRecord, RedisLedger
-from carriers.queue import Job, RedisStreamQueue
+from carriers.sender.ledger import JobRecord, RedisLedger
+from carriers.sender.queue import Job, RedisStreamQueue
 from tests.conftest import LiveServer, free_port, launch_server, wait_ready
 from tests.redis_server import ExternalRedis, RedisServer
 from tests.smsc34_server import BEHAVIOURS

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from carriers.ledger import (
+from carriers.sender.ledger import (
     FAILED,
     SENDING,
     SUBMITTED,

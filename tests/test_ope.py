@@ -20,8 +20,9 @@ from bandit.reward_model import KEY_COLUMNS, CrossFitRewardModel, fold_of
 from carriers.catalog import Catalog, load_catalog
 from experiments.play import play
 from experiments.world import ScenarioSpec, World
-from router.config import load_config
-from router.decision_log import (
+from router.core.config import load_config
+from router.core.engine import EngineOptions, RoutingEngine
+from router.log.decision_log import (
     DECISION_SCHEMA,
     DECISIONS,
     OUTCOME_SCHEMA,
@@ -30,8 +31,7 @@ from router.decision_log import (
     finalized_view,
     read_stream,
 )
-from router.engine import EngineOptions, RoutingEngine
-from router.evaluation import (
+from router.offline.evaluation import (
     CandidateResult,
     LoggedChunk,
     RewardModel,

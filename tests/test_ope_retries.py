@@ -11,7 +11,7 @@ import pytest
 from test_ope import SPEC, simulate
 
 from carriers.catalog import load_catalog
-from router.decision_log import (
+from router.log.decision_log import (
     DECISION_SCHEMA,
     DECISIONS,
     OUTCOME_SCHEMA,
@@ -19,7 +19,7 @@ from router.decision_log import (
     finalized_view,
     read_stream,
 )
-from router.evaluation import RewardModel, evaluate, make_candidate
+from router.offline.evaluation import RewardModel, evaluate, make_candidate
 
 RETRY_SPEC = {**SPEC, "traffic": {**SPEC["traffic"], "retry": True}}
 

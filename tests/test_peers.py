@@ -25,8 +25,8 @@ from experiments.runner import (
     verdict,
 )
 from experiments.world import ScenarioSpec, World
-from router.config import load_config
-from router.decision_log import DECISION_SCHEMA, DECISIONS, read_stream
+from router.core.config import load_config
+from router.log.decision_log import DECISION_SCHEMA, DECISIONS, read_stream
 
 NOT_INSTALLED = [p.library for p in PEERS.values() if importlib.util.find_spec(p.library) is None]
 pytestmark = pytest.mark.skipif(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from carriers.dlr import Receipt
-from carriers.receipt_match import ReceiptMatcher, Sent
-from carriers.throttle import TokenBucket, backoff_delay
+from carriers.smpp.dlr import Receipt
+from carriers.smpp.receipt_match import ReceiptMatcher, Sent
+from carriers.smpp.throttle import TokenBucket, backoff_delay
 
 
 def _receipt(message_id: str, status: str = "DELIVRD") -> Receipt:

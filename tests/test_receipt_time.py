@@ -1,6 +1,6 @@
 """A receipt's time from the carrier's clock: zones, offsets, minute precision, nothing refused.
 
-Unit tests of `carriers.receipt_time` (the worker's side), then the router's side over HTTP: an
+Unit tests of `carriers.smpp.receipt_time` (the worker's side), then the router's side over HTTP: an
 outcome whose time is impossible is recorded clamped and flagged, never refused, and a coarse
 (minute-precision) receipt is judged against the SLA by the share of its interval within it.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from carriers.dlr import Receipt, parse_receipt_text
-from carriers.receipt_time import ReceiptClock, receipt_timezone
-from router.engine import within_sla
+from carriers.smpp.dlr import Receipt, parse_receipt_text
+from carriers.smpp.receipt_time import ReceiptClock, receipt_timezone
+from router.core.engine import within_sla
 from tests.conftest import LiveServer, start_server
 
 T0 = datetime(2026, 12, 4, 14, 29, 0, tzinfo=UTC)

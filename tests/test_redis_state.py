@@ -16,12 +16,12 @@ import pytest
 from redis.crc import key_slot
 
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
-from router.config import load_config
-from router.decision_log import DECISIONS, DecisionLog
-from router.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
-from router.outbox import Item, Outbox
-from router.redis_bus import RedisBus, connect
-from router.shared_state import SharedSettings, SharedState
+from router.core.config import load_config
+from router.core.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
+from router.log.decision_log import DECISIONS, DecisionLog
+from router.replicas.outbox import Item, Outbox
+from router.replicas.redis_bus import RedisBus, connect
+from router.replicas.shared_state import SharedSettings, SharedState
 from tests.redis_server import ExternalRedis, LocalCluster, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_outbox_items_of_a_killed_process_are_replayed_in_order(tmp_path: Path) 
     _run_and_kill(
         f"""
         from pathlib import Path
-        from router.outbox import Item, Outbox
+        from router.replicas.outbox import Item, Outbox
         box = Outbox(Path({str(folder)!r}))
         for n in range(100):
             box.append([Item("d", "dead", f"id{{n}}", b"{{}}")], durable=n == 99)
@@ -141,8 +141,8 @@ def test_a_live_process_keeps_its_outbox_and_decision_log_journals(tmp_path: Pat
         import time
         from datetime import UTC, datetime
         from pathlib import Path
-        from router.decision_log import DecisionLog
-        from router.outbox import Item, Outbox
+        from router.log.decision_log import DecisionLog
+        from router.replicas.outbox import Item, Outbox
         box = Outbox(Path({str(tmp_path / "outbox")!r}))
         box.append([Item("d", "live", "x", b"{{}}")], durable=True)
         log = DecisionLog(Path({str(tmp_path / "log")!r}), validate=False)
@@ -282,8 +282,8 @@ def test_an_outcome_journaled_while_redis_was_away_is_logged_once_on_its_verdict
     logged (and counted in spend) only when the flusher hears Redis's verdict; a verdict of
     MINE (this very item recorded before: its publish ran, then a crash or a cut connection)
     writes the row only if the log does not hold it already."""
-    from router.decision_log import OUTCOME_SCHEMA, OUTCOMES, read_stream
-    from router.redis_bus import MINE, NEW
+    from router.log.decision_log import OUTCOME_SCHEMA, OUTCOMES, read_stream
+    from router.replicas.redis_bus import MINE, NEW
 
     folder = tmp_path / "a"
     settings = SharedSettings(url=redis_server.url, checkpoint_seconds=3600)

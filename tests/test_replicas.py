@@ -309,9 +309,9 @@ def test_an_outcome_posted_to_two_replicas_while_redis_is_away_is_logged_once(
 
     from mlflow.tracking import MlflowClient
 
-    from router.cost_report import build_report
-    from router.decision_log import DECISIONS, OUTCOMES
-    from router.tracking import default_tracking_uri
+    from router.log.decision_log import DECISIONS, OUTCOMES
+    from router.log.tracking import default_tracking_uri
+    from router.offline.cost_report import build_report
 
     if isinstance(redis_server, ExternalRedis):
         pytest.skip("needs a private redis-server it can stop")
@@ -417,8 +417,8 @@ def test_outcomes_acked_while_redis_was_away_by_a_replica_then_killed_are_logged
 
     from mlflow.tracking import MlflowClient
 
-    from router.decision_log import DECISIONS, OUTCOMES
-    from router.tracking import default_tracking_uri
+    from router.log.decision_log import DECISIONS, OUTCOMES
+    from router.log.tracking import default_tracking_uri
 
     if isinstance(redis_server, ExternalRedis):
         pytest.skip("needs a private redis-server it can stop")
@@ -463,7 +463,7 @@ def test_outcomes_acked_while_redis_was_away_by_a_replica_then_killed_are_logged
     assert sorted(logged[OUTCOMES]) == want and sorted(logged[DECISIONS]) == want
     # `router evaluate --run-id` of the killed run: its decisions, and their outcomes logged
     # by the run that recovered it, as the data folder holds them
-    from router.evaluate_run import EvaluateOptions, run_evaluation
+    from router.offline.evaluate_run import EvaluateOptions, run_evaluation
 
     (killed,) = [r.info.run_id for r in runs if r.info.status == "KILLED"]
     common = {"candidates": ["uniform"], "bootstrap": 0}

@@ -15,7 +15,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from router.keys import SCOPES, FileKeyStore, new_key
+from router.http.keys import SCOPES, FileKeyStore, new_key
 from tests.conftest import LiveServer, start_server
 
 pytestmark = pytest.mark.usefixtures("without_redis_env")

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from smpplib import consts, smpp
 
-from carriers.dlr import Receipt
-from carriers.receipt_match import ReceiptMatcher
-from carriers.smpp_client import SmppCarrier, SubmitResult, _Pending
-from carriers.smsc import SimulatedSMSC, deliver_after
+from carriers.smpp.client import SmppCarrier, SubmitResult, _Pending
+from carriers.smpp.dlr import Receipt
+from carriers.smpp.receipt_match import ReceiptMatcher
+from carriers.smsc.server import SimulatedSMSC, deliver_after
 
 NUMBER = "+447700900123"
 WAIT_S = 15.0

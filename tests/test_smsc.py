@@ -17,10 +17,9 @@ from smpplib import consts, exceptions, smpp
 from smpplib.client import Client, SimpleSequenceGenerator
 
 from carriers.catalog import load_catalog
-from carriers.dlr import Receipt, message_id_keys, receipt_from_pdu
-from carriers.encoding import encode
-from carriers.simclock import SimClock
-from carriers.smsc import (
+from carriers.smpp.dlr import Receipt, message_id_keys, receipt_from_pdu
+from carriers.smpp.encoding import encode
+from carriers.smsc.server import (
     ESME_RINVDSTADR,
     ESME_RSYSERR,
     ESME_RTHROTTLED,
@@ -30,7 +29,8 @@ from carriers.smsc import (
     Submission,
     deliver_after,
 )
-from carriers.smsc_world import world_behaviour
+from carriers.smsc.simclock import SimClock
+from experiments.smsc_world import world_behaviour
 from experiments.world import ScenarioSpec, World
 
 NUMBER = "447700900123"

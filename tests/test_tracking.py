@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from router.decision_log import DecisionLog, iter_segments
-from router.tracking import ServingRun, default_artifact_location, default_tracking_uri
+from router.log.decision_log import DecisionLog, iter_segments
+from router.log.tracking import ServingRun, default_artifact_location, default_tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_a_sigkilled_server_s_segments_reach_its_run_which_ends_killed(tmp_path:
 
     import httpx
 
-    from router.evaluate_run import EvaluateOptions, run_evaluation
+    from router.offline.evaluate_run import EvaluateOptions, run_evaluation
     from tests.conftest import start_server
     from tests.test_replicas import RU, at, wait_for
 
@@ -252,7 +252,7 @@ def test_a_sigkilled_server_s_segments_reach_its_run_which_ends_killed(tmp_path:
 def test_run_locks_tell_live_runs_from_dead_ones(tmp_path: Path) -> None:
     import os
 
-    from router.tracking import RunLocks
+    from router.log.tracking import RunLocks
 
     live, dying = RunLocks(tmp_path), RunLocks(tmp_path)
     live.hold("run-live")

@@ -20,13 +20,13 @@ import httpx
 import pytest
 
 from carriers.catalog import load_catalog
-from carriers.ledger import MemoryLedger, RedisLedger
-from carriers.queue import InProcessQueue, Job, RedisStreamQueue
-from carriers.smpp_client import SmppCarrier
-from carriers.smsc import ESME_RINVDSTADR, Fate, SimulatedSMSC, Submission, deliver_after
-from carriers.worker import SenderWorker, WorkerOptions
-from router.client import RouterClient
-from router.engine import RouteDecision
+from carriers.sender.ledger import MemoryLedger, RedisLedger
+from carriers.sender.queue import InProcessQueue, Job, RedisStreamQueue
+from carriers.sender.worker import SenderWorker, WorkerOptions
+from carriers.smpp.client import SmppCarrier
+from carriers.smsc.server import ESME_RINVDSTADR, Fate, SimulatedSMSC, Submission, deliver_after
+from router.contract.client import RouterClient
+from router.core.engine import RouteDecision
 from tests.conftest import LiveServer, start_server
 
 DE = "+4915123456789"  # a German mobile number (example range)

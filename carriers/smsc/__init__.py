@@ -1,0 +1,3 @@
+"""The simulated SMSC (an SMPP server for the demo, tests and benchmarks): sessions, receipts and
+its event clock.
+"""

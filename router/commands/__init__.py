@@ -1,0 +1,3 @@
+"""What the `router` subcommands run beyond serving: the demo, the console output helpers and the
+key management commands.
+"""

@@ -1,0 +1,3 @@
+"""Offline work on the decision log: off-policy evaluation, its MLflow runs, and the finance cost
+report.
+"""
