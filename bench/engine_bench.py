@@ -26,16 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from carriers.catalog import load_catalog
 from experiments.world import World, load_scenario
-from router.cli import tune_gc
+from router.contract.messages import OutcomeEvent, RouteDecision, RouteRequest
 from router.core.config import load_config
-from router.core.engine import (
-    EngineOptions,
-    OutcomeEvent,
-    RouteDecision,
-    RouteRequest,
-    RoutingEngine,
-)
+from router.core.engine import EngineOptions, RoutingEngine
 from router.log.decision_log import DecisionLog
+from router.serving.app import tune_gc
 from tests.conftest import LiveServer, start_server
 
 T0 = 1_793_602_800.0  # 2026-11-02T07:00Z

@@ -1,16 +1,16 @@
 """Empirical coverage of the off-policy intervals on simulator logs. Run:
 `.venv/bin/python bench/ope_coverage.py [--seeds 100] [--workers 2]`.
 
-Per seed: the small world of tests/test_ope.py (scenario seed = seed) is logged under `uniform`;
-`static` and `cheapest` are then run in the same world with the same luck (outcomes are keyed by
-message, attempt and carrier), and their mean reward per decision is the truth each estimate's
-95% interval should contain. Prints, per candidate and estimator, the share of seeds whose
-analytic and bootstrap intervals cover the truth. `dm (naive)` is DM with its own sample variance
-(Σπ_e q̂ alone, blind to the reward model's error), kept to show why DM uses DR's influence
-function instead. `--out` also writes the per-seed rows as CSV. The truth is the candidate's
-value on the same contexts with the same luck, not the expected value over new contexts that the
-intervals are for, so coverage above 95% (a conservative interval) is expected where the
-estimate's error shares those (DM, DR, SNDR): compare `rmse` with `mean_std_error`.
+Per seed: the small world of tests/bandit/test_ope.py (scenario seed = seed) is logged under
+`uniform`; `static` and `cheapest` are then run in the same world with the same luck (outcomes
+are keyed by message, attempt and carrier), and their mean reward per decision is the truth each
+estimate's 95% interval should contain. Prints, per candidate and estimator, the share of seeds
+whose analytic and bootstrap intervals cover the truth. `dm (naive)` is DM with its own sample
+variance (Σπ_e q̂ alone, blind to the reward model's error), kept to show why DM uses DR's
+influence function instead. `--out` also writes the per-seed rows as CSV. The truth is the
+candidate's value on the same contexts with the same luck, not the expected value over new
+contexts that the intervals are for, so coverage above 95% (a conservative interval) is expected
+where the estimate's error shares those (DM, DR, SNDR): compare `rmse` with `mean_std_error`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from test_ope import simulate, true_value  # noqa: E402
+sys.path[:0] = [str(ROOT)]
 
 from bandit.ope import QPI  # noqa: E402
 from carriers.catalog import load_catalog  # noqa: E402
 from router.offline.evaluation import RewardModel, evaluate, make_candidate  # noqa: E402
+from tests.bandit.test_ope import simulate, true_value  # noqa: E402
 
 POLICIES = ("static", "cheapest")
 

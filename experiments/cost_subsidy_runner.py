@@ -31,7 +31,7 @@ from bandit.policies import POLICIES, Arm, DecisionContext, draw, make_policy
 from bandit.reward import MessageClass
 from experiments.runner import _experiment, _log_values
 from experiments.world import SCENARIOS, ScenarioError
-from router.commands.console import report_console
+from router.console import report_console
 from router.log.tracking import default_artifact_location, default_tracking_uri
 
 SPEC = SCENARIOS / "cost_subsidy" / "bernoulli.yaml"

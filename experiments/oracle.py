@@ -26,7 +26,8 @@ from experiments.world import (
     RouteSpec,
     World,
 )
-from router.core.engine import RouteDecision, RoutingEngine
+from router.contract.messages import RouteDecision
+from router.core.engine import RoutingEngine
 
 NIGHT_END_HOUR = 6  # the world's night drop applies before 06:00 local time
 

@@ -21,7 +21,8 @@ import numpy as np
 from bandit.model import CarrierModel
 from bandit.policies import Arm, DecisionContext, Distribution, Policy
 from bandit.reward import MessageClass
-from router.core.engine import RouteDecision, RouteRequest, RoutingEngine
+from router.contract.messages import RouteDecision, RouteRequest
+from router.core.engine import RoutingEngine
 
 EXTRA = "pip install -e '.[peers]'"
 

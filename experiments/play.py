@@ -1,7 +1,8 @@
 """Play a world's traffic through a router in event time: in-process (exact) or over HTTP.
 
 The router is anything with the engine's `route_batch` and `record_outcomes` (the engine itself
-or `router.contract.client.RouterClient`). The world answers each send with receipts and conversions at
+or `router.contract.client.RouterClient`). The world answers each send with receipts and
+conversions at
 the times they would arrive; a failure inside the SLA is retried once on another carrier with
 `exclude`, as a sender worker would; a retry succeeds only if it arrives within the SLA of the
 message's first send. Outcomes are drawn from random numbers keyed by
@@ -21,8 +22,9 @@ import pandas as pd
 
 from bandit.reward import MessageClass
 from experiments.world import Message, World
-from router.core.engine import OutcomeEvent, RouteDecision, RouteRequest, RoutingEngine
 from router.contract.errors import RoutingError
+from router.contract.messages import OutcomeEvent, RouteDecision, RouteRequest
+from router.core.engine import RoutingEngine
 
 if TYPE_CHECKING:  # the oracle imports this module's retry timing
     from experiments.oracle import Judge

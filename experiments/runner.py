@@ -43,10 +43,10 @@ from experiments.peers import PEERS, PeerEngine, missing_library, use_peer
 from experiments.play import play
 from experiments.plots import plot_regret, plot_split
 from experiments.world import SCENARIOS, World, load_scenario
+from router.console import report_console
 from router.core.config import EngineConfig, load_config
-from router.commands.console import report_console
-from router.log.decision_log import DecisionLog
 from router.core.engine import EngineOptions, RoutingEngine
+from router.log.decision_log import DecisionLog
 from router.log.tracking import default_artifact_location, default_tracking_uri
 
 BASELINES = ("thompson", "cheapest", "static", "uniform", "round_robin", "epsilon_greedy")

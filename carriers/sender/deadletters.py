@@ -32,8 +32,8 @@ from carriers.sender.journal import (
     write_all,
 )
 from router.contract.errors import RoutingError
+from router.contract.messages import OutcomeEvent
 from router.contract.redact import redact
-from router.core.engine import OutcomeEvent
 
 log = logging.getLogger(__name__)
 

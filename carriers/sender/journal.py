@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import redis
 
-from router.core.engine import OutcomeEvent
+from router.contract.messages import OutcomeEvent
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from carriers.sender.deadletters import DeadLetter, DeadLetterStore, MemoryDeadL
 from carriers.sender.journal import MemoryJournal, OutcomeJournal, worker_name
 from router.contract.client import RouterClient
 from router.contract.errors import RoutingError
-from router.core.engine import OutcomeEvent
+from router.contract.messages import OutcomeEvent
 
 log = logging.getLogger(__name__)
 

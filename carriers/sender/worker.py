@@ -45,7 +45,7 @@ from carriers.smpp.encoding import parts_count
 from carriers.smpp.receipt_time import ReceiptClock
 from router.contract.client import RouterClient
 from router.contract.errors import RoutingError
-from router.core.engine import OutcomeEvent, RouteDecision, RouteRequest
+from router.contract.messages import OutcomeEvent, RouteDecision, RouteRequest
 
 log = logging.getLogger(__name__)
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_.:\-]")

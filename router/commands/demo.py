@@ -40,10 +40,10 @@ from carriers.smsc.server import SimulatedSMSC
 from carriers.smsc.simclock import SimClock
 from experiments.smsc_world import WorldBehaviour, world_behaviour
 from experiments.world import Message, World, load_scenario
-from router.commands.console import report_console
+from router.console import report_console
 from router.contract.client import RouterClient
+from router.contract.messages import OutcomeEvent, RouteDecision
 from router.core.config import load_config
-from router.core.engine import OutcomeEvent, RouteDecision
 from router.log.decision_log import DECISION_SCHEMA, OUTCOME_SCHEMA, finalized_view, read_stream
 from router.log.tracking import default_tracking_uri
 from router.serving.service import ServiceSettings

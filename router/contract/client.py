@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import httpx
 
-from features import from_epoch, to_epoch
 from router.contract.errors import (
     Forbidden,
     IdempotencyConflict,
@@ -18,7 +16,14 @@ from router.contract.errors import (
     UnknownCarrier,
     UnknownDecision,
 )
-from router.core.engine import OutcomeEvent, RouteDecision, RouteRequest
+from router.contract.messages import (
+    OutcomeEvent,
+    OutcomeIn,
+    RouteDecision,
+    RouteIn,
+    RouteOut,
+    RouteRequest,
+)
 
 _ERRORS: dict[str, type[RoutingError]] = {
     cls.code: cls
@@ -42,52 +47,13 @@ def _error(body: dict[str, Any]) -> RoutingError:
     return exc
 
 
-def _request_json(r: RouteRequest) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "to": r.to,
-        "message_class": r.message_class,
-        "sender_type": r.sender_type,
-        "segments": r.segments,
-        "attempt": r.attempt,
-    }
-    if r.tenant is not None:
-        body["tenant"] = r.tenant
-    if r.mccmnc:
-        body["mccmnc"] = r.mccmnc
-    if r.exclude:
-        body["exclude"] = list(r.exclude)
-    if r.parent_decision_id:
-        body["parent_decision_id"] = r.parent_decision_id
-    if r.at is not None:
-        body["at"] = from_epoch(r.at).isoformat()
-    if r.idempotency_key is not None:  # a repeat (a retry after a timeout) gets the same decision
-        body["idempotency_key"] = r.idempotency_key
-    return body
+def _body(model: RouteIn | OutcomeIn) -> dict[str, Any]:
+    """A request body as the contract writes it (fields left out when not set)."""
+    return model.model_dump(mode="json", exclude_none=True)
 
 
 def _decision(d: dict[str, Any]) -> RouteDecision:
-    return RouteDecision(
-        d["decision_id"],
-        d["carrier"],
-        d["fallbacks"],
-        d["propensity"],
-        d["policy"],
-        d["context"],
-        to_epoch(datetime.fromisoformat(d["at"])),
-    )
-
-
-def _event_json(e: OutcomeEvent) -> dict[str, Any]:
-    body: dict[str, Any] = {"decision_id": e.decision_id, "event": e.event}
-    for name in ("status", "error_code", "cost", "currency", "at_flag"):
-        value = getattr(e, name)
-        if value is not None:
-            body[name] = value
-    for name in ("at", "at_earliest", "at_latest", "source_at"):
-        value = getattr(e, name)
-        if value is not None:
-            body[name] = from_epoch(value).isoformat()
-    return body
+    return RouteOut.model_validate(d).to_decision()
 
 
 class RouterClient:
@@ -109,16 +75,16 @@ class RouterClient:
 
     def route(self, req: RouteRequest) -> RouteDecision:
         """One decision."""
-        return _decision(self._post("/v1/route", _request_json(req)))
+        return _decision(self._post("/v1/route", _body(RouteIn.of(req))))
 
     def route_batch(self, reqs: Sequence[RouteRequest]) -> list[RouteDecision | RoutingError]:
         """Decisions (or per-message errors) for many messages in one request."""
-        data = self._post("/v1/route/batch", [_request_json(r) for r in reqs])
+        data = self._post("/v1/route/batch", [_body(RouteIn.of(r)) for r in reqs])
         return [_error(d) if "error" in d else _decision(d) for d in data]
 
     def record_outcomes(self, events: Sequence[OutcomeEvent]) -> list[str]:
         """Report outcome events; all-or-nothing."""
-        return self._post("/v1/outcomes", [_event_json(e) for e in events])["results"]
+        return self._post("/v1/outcomes", [_body(OutcomeIn.of(e)) for e in events])["results"]
 
     def get(self, path: str) -> Any:
         """GET a JSON resource."""

@@ -40,34 +40,41 @@ from router.contract.errors import (
     UnknownCarrier,
     UnknownDecision,
 )
+from router.contract.messages import (
+    DLR_STATUSES,
+    EVENTS,
+    FINAL_DLR,
+    INTERMEDIATE_DLR,
+    SENDER_TYPES,
+    SUBMIT_FAILURE_WORDS,
+    SUBMIT_OK,
+    TIME_FLAGS,
+    OutcomeEvent,
+    RouteDecision,
+    RouteRequest,
+    check_key,
+    submit_accepted,
+)
 from router.core.config import EngineConfig
 from router.core.eligibility import Eligibility
 from router.core.idempotency import (
     Claim,
     IdempotencyKeys,
-    check_key,
     normalized_number,
     request_digest,
     stored_key,
 )
 from router.core.inflight import (
     DEADLINE,
-    DLR_STATUSES,
-    FINAL_DLR,
-    INTERMEDIATE_DLR,
     STALE,
-    SUBMIT_FAILURE_WORDS,
-    SUBMIT_OK,
     TIMEOUT,
     TRUTH,
     InFlight,
     RecentDecisions,
     Timers,
-    submit_accepted,
 )
 from router.core.metrics import EngineMetrics
 
-SENDER_TYPES = ("alphanumeric", "numeric", "shortcode")
 PHONE_REGIONS = frozenset(phonenumbers.SUPPORTED_REGIONS)
 EARLIEST_EVENT = 946_684_800.0  # 2000-01-01T00:00Z: anything earlier is a client bug
 
@@ -78,83 +85,7 @@ def _seconds(value: float) -> str:
     return f"{value:,.0f} s"
 
 
-EVENTS = ("submit", "dlr", "conversion")
-
-
 CheckedOutcome = tuple[InFlight, "OutcomeEvent", float]  # the decision, the event, its event time
-
-
-@dataclass(frozen=True, slots=True)
-class RouteRequest:
-    """One message to route; only `to` is required. `at` is event time (epoch seconds)."""
-
-    to: str
-    message_class: str = "otp"
-    tenant: str | None = None
-    sender_type: str = "alphanumeric"
-    segments: int = 1
-    mccmnc: str | None = None
-    exclude: tuple[str, ...] = ()
-    attempt: int = 1
-    parent_decision_id: str | None = None
-    at: float | None = None
-    idempotency_key: str | None = None  # same key (per tenant), same decision: see idempotency
-
-
-@dataclass(frozen=True, slots=True)
-class RouteDecision:
-    """The engine's answer: a carrier, ranked fallbacks, and the exact propensity of the draw."""
-
-    decision_id: str
-    carrier: str
-    fallbacks: list[str]
-    propensity: float
-    policy: str
-    context: dict[str, Any]
-    at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """The API's JSON body."""
-        return {
-            "decision_id": self.decision_id,
-            "carrier": self.carrier,
-            "fallbacks": self.fallbacks,
-            "propensity": self.propensity,
-            "policy": self.policy,
-            "context": self.context,
-            "at": from_epoch(self.at).isoformat(),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class OutcomeEvent:
-    """A submit result, a delivery receipt, or an OTP conversion for one decision."""
-
-    decision_id: str
-    event: str
-    status: str | None = None
-    error_code: str | None = None
-    cost: float | None = None
-    currency: str | None = None
-    at: float | None = None
-    at_earliest: float | None = None  # a coarse time: the event lies in [at_earliest, at_latest]
-    at_latest: float | None = None
-    source_at: float | None = None  # the time as the carrier stated it, before any adjustment
-    at_flag: str | None = None  # how the time was adjusted: comma-separated words (TIME_FLAGS)
-
-
-# Why an outcome's time was adjusted; senders may set the first ones, the router adds the rest.
-TIME_FLAGS = frozenset(
-    {
-        "coarse",  # the carrier's time has minute precision: an interval, not a point
-        "clock_offset",  # corrected by the carrier clock's estimated offset or time zone
-        "no_date",  # the receipt had no usable date: the time it arrived
-        "clamped",  # moved into [submit, arrival] by the sender
-        "before_decision",  # the router moved it up to the decision's time
-        "future",  # the router moved it back to its own clock (plus the accepted skew)
-        "implausible",  # before 2000: the router used the decision's time
-    }
-)
 
 
 @dataclass(slots=True)

@@ -28,23 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from router.contract.errors import IdempotencyConflict, InvalidRequest
+from router.contract.errors import IdempotencyConflict
+from router.contract.messages import KEY_FIELD
 
 if TYPE_CHECKING:
-    from router.core.engine import RouteDecision
+    from router.contract.messages import RouteDecision
 
-FIELD = "idempotency_key"
-HEADER = "Idempotency-Key"
-KEY_RULE = "1 to 128 characters of A-Z, a-z, 0-9, '_', '.', ':' and '-'"
-_KEY = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _NOT_DIGITS = re.compile(r"[^0-9+]")
-
-
-def check_key(key: object, field: str = FIELD) -> str:
-    """The key if it is well formed, else a 422 naming `field` (the value is not echoed)."""
-    if not isinstance(key, str) or _KEY.fullmatch(key) is None:
-        raise InvalidRequest(f"an idempotency key must be {KEY_RULE}", field=field)
-    return key
 
 
 def stored_key(key: str, secret: bytes) -> str:
@@ -100,7 +90,7 @@ def decision_to_dict(d: RouteDecision) -> dict[str, Any]:
 
 def decision_from_dict(d: Mapping[str, Any]) -> RouteDecision:
     """Inverse of `decision_to_dict`."""
-    from router.core.engine import RouteDecision
+    from router.contract.messages import RouteDecision
 
     return RouteDecision(
         str(d["decision_id"]),
@@ -118,7 +108,7 @@ def conflict(claim: Claim, expires: float) -> IdempotencyConflict:
     return IdempotencyConflict(
         "this idempotency key was used for a different request (destination, class, sender "
         "type, segments, mccmnc, exclude, attempt or parent decision differ); use a new key",
-        field=FIELD,
+        field=KEY_FIELD,
         details={"expires_in_seconds": max(0, round(expires - claim.now))},  # event time
     )
 

@@ -3,52 +3,11 @@
 from __future__ import annotations
 
 import heapq
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bandit.model import RouteKey
-
-FINAL_DLR = frozenset({"DELIVRD", "UNDELIV", "EXPIRED", "REJECTD", "DELETED", "UNKNOWN"})
-INTERMEDIATE_DLR = frozenset({"ACCEPTD", "ENROUTE"})
-DLR_STATUSES = FINAL_DLR | INTERMEDIATE_DLR
-# The submit-result vocabulary (`POST /v1/outcomes`, event "submit"): these words mean accepted;
-# SMPP command_status names (ESME_R…) or numbers other than 0, and the sender's own failure
-# words, mean the submit failed; anything else is refused, so a typo (or a receipt word such as
-# ACCEPTD) is never learned as a failed submit. UNCONFIRMED (sent, no answer came: the carrier
-# may have it, and the sender does not send it again) counts as accepted: the decision awaits its
-# receipt until the deadline, and a carrier billing on submit is billed, since it most likely
-# took the message; the word stays in the decision log so finance can count such submits.
-SUBMIT_OK = frozenset({"ACCEPTED", "OK", "ESME_ROK", "SUCCESS", "0", "0X00000000", "UNCONFIRMED"})
-SUBMIT_FAILURE_WORDS = frozenset(
-    {
-        "FAILED",
-        "ERROR",
-        "REJECTED",
-        "TIMEOUT",
-        "THROTTLED",
-        "NO_LINK",
-        "NOT_CONNECTED",
-        "CONNECTION_LOST",
-        "THROUGHPUT_CAP",
-        "WINDOW_FULL",
-        "CLOSED",
-        "GENERIC_NACK",
-    }
-)
-_COMMAND_STATUS = re.compile(r"ESME_R[A-Z0-9_]{1,24}|0X[0-9A-F]{1,8}|[0-9]{1,10}")
-
-
-def submit_accepted(status: str | None) -> bool | None:
-    """True (accepted), False (failed) or None (not a submit status word) for an upper-cased
-    submit status; no status means accepted."""
-    if status is None or status in SUBMIT_OK:
-        return True
-    if status in SUBMIT_FAILURE_WORDS or _COMMAND_STATUS.fullmatch(status):
-        return False
-    return None
-
 
 # Timer kinds, in the order they fall due for one decision.
 STALE, DEADLINE, TRUTH, TIMEOUT = "stale", "deadline", "truth", "timeout"

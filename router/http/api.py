@@ -7,202 +7,39 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from features import to_epoch
 from router.contract.errors import InvalidRequest, RoutingError
-from router.contract.redact import NoNumber
-from router.core.engine import OutcomeEvent, RouteDecision, RouteRequest
-from router.core.idempotency import FIELD as KEY_FIELD
-from router.core.idempotency import HEADER as KEY_HEADER
-from router.core.idempotency import KEY_RULE, check_key
+from router.contract.messages import (
+    ID_PATTERN,
+    KEY_FIELD,
+    KEY_HEADER,
+    KEY_RULE,
+    MAX_BATCH,
+    ErrorOut,
+    OutcomeIn,
+    OutcomesOut,
+    PauseIn,
+    RouteDecision,
+    RouteIn,
+    RouteOut,
+    check_key,
+)
 from router.http.auth import Auth, Principal, open_auth
 from router.http.bodylimit import MAX_BODY_BYTES, BodySizeLimit
-from router.serving.service import RouterService
+
+if TYPE_CHECKING:
+    from router.serving.service import RouterService
 
 log = logging.getLogger(__name__)
-MAX_BATCH = 1000
-_ID = r"^[A-Za-z0-9_\-]{1,64}$"
-
-
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not true/false")
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_not_bool)]
-
-
-def _key(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            check_key(value)
-        except InvalidRequest:
-            raise ValueError(f"must be {KEY_RULE}") from None
-    return value
-
-
-IdempotencyKey = Annotated[str, BeforeValidator(_key)]
-Number = Annotated[float, BeforeValidator(_not_bool)]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-
-class RouteIn(_Body):
-    """A message to route. Only `to` is required."""
-
-    to: str = Field(min_length=1, max_length=32, description="Destination in E.164, e.g. +7916…")
-    message_class: str = Field("otp", min_length=1, max_length=32)
-    tenant: str | None = Field(None, min_length=1, max_length=64)
-    sender_type: Literal["alphanumeric", "numeric", "shortcode"] = "alphanumeric"
-    segments: Int = Field(1, ge=1, le=255)
-    mccmnc: str | None = Field(None, pattern=r"^\d{5,6}$")
-    exclude: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
-    attempt: Int = Field(1, ge=1, le=20)
-    parent_decision_id: str | None = Field(None, pattern=_ID)
-    at: AwareDatetime | None = Field(None, description="Event time (RFC 3339); default: now")
-    idempotency_key: IdempotencyKey | None = Field(
-        None,
-        min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
-        description="The same key (per tenant) gives the same decision, logged once, for the "
-        "class's DLR timeout (event time); with another request it is a 409 "
-        "idempotency_conflict. Or the Idempotency-Key header (on /v1/route)",
-    )
-
-    def to_request(self) -> RouteRequest:
-        """The engine's request."""
-        return RouteRequest(
-            self.to,
-            self.message_class,
-            self.tenant,
-            self.sender_type,
-            self.segments,
-            self.mccmnc,
-            tuple(self.exclude),
-            self.attempt,
-            self.parent_decision_id,
-            _epoch(self.at),
-            self.idempotency_key,
-        )
-
-
-class RouteContext(BaseModel):
-    """The features the decision was made on."""
-
-    country: str
-    operator: str
-    local_hour: int
-    weekday: int
-    mccmnc: str | None
-
-
-class RouteOut(BaseModel):
-    """A decision: the carrier, ranked fallbacks, and the exact propensity of the draw."""
-
-    decision_id: str
-    carrier: str
-    fallbacks: list[str]
-    propensity: float
-    policy: str
-    context: RouteContext
-    at: datetime
-
-
-class ErrorBody(BaseModel):
-    """What went wrong, naming the field."""
-
-    code: str
-    message: str
-    field: str | None = None
-    details: dict[str, Any] | None = None
-
-
-class ErrorOut(BaseModel):
-    """An error answer."""
-
-    error: ErrorBody
-
-
-class OutcomeIn(_Body):
-    """A submit result, a delivery receipt (SMPP 3.4 status) or an OTP conversion."""
-
-    decision_id: str = Field(pattern=_ID)
-    event: Literal["submit", "dlr", "conversion"]
-    status: NoNumber | None = Field(
-        None,
-        max_length=32,
-        description="dlr: DELIVRD, UNDELIV, EXPIRED, REJECTD, DELETED, "
-        "UNKNOWN, ACCEPTD, ENROUTE; submit: ACCEPTED or the error",
-    )
-    error_code: NoNumber | None = Field(None, max_length=32)
-    cost: Number | None = Field(None, ge=0, le=1000, allow_inf_nan=False)
-    currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
-    at: AwareDatetime | None = Field(
-        None,
-        description="Event time (RFC 3339); default: now. Never refused for its value: one "
-        "before the decision or past the router's clock is clamped and flagged (at_flag)",
-    )
-    at_earliest: AwareDatetime | None = Field(
-        None, description="With at_latest: a coarse time (a receipt with minute precision)"
-    )
-    at_latest: AwareDatetime | None = None
-    source_at: AwareDatetime | None = Field(
-        None, description="The time as the carrier stated it, before the sender adjusted it"
-    )
-    at_flag: str | None = Field(
-        None,
-        pattern=r"^[a-z_]{1,24}(,[a-z_]{1,24}){0,7}$",
-        description="How the sender adjusted `at`: coarse, clock_offset, no_date, clamped",
-    )
-
-    def to_event(self) -> OutcomeEvent:
-        """The engine's event."""
-        return OutcomeEvent(
-            self.decision_id,
-            self.event,
-            self.status,
-            self.error_code,
-            self.cost,
-            self.currency,
-            _epoch(self.at),
-            _epoch(self.at_earliest),
-            _epoch(self.at_latest),
-            _epoch(self.source_at),
-            self.at_flag,
-        )
-
-
-class OutcomesOut(BaseModel):
-    """Per event: recorded, duplicate (changed nothing) or late (recorded, not learned)."""
-
-    recorded: int
-    duplicates: int
-    late: int
-    results: list[Literal["recorded", "duplicate", "late"]]
-
-
-class PauseIn(_Body):
-    """Why a carrier is paused."""
-
-    reason: NoNumber = Field("paused by an operator", max_length=200)
-
-
-def _epoch(at: datetime | None) -> float | None:
-    return None if at is None else to_epoch(at)
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -439,7 +276,7 @@ def create_app(
 
     @app.get("/v1/decisions/{decision_id}", responses=errors, tags=["routing"])
     async def decision(
-        decision_id: Annotated[str, Path(pattern=_ID)], who: Principal = reader
+        decision_id: Annotated[str, Path(pattern=ID_PATTERN)], who: Principal = reader
     ) -> Response:
         """A decision with its context, π over the eligible carriers, scores and outcomes."""
         return _json(engine.decision(decision_id, tenant=who.tenant))
@@ -460,7 +297,7 @@ def create_app(
 
     @app.post("/v1/carriers/{carrier_id}/pause", responses=errors, tags=["admin"])
     async def pause(
-        carrier_id: Annotated[str, Path(pattern=_ID)],
+        carrier_id: Annotated[str, Path(pattern=ID_PATTERN)],
         body: PauseIn | None = None,
         _: Principal = admin,
     ) -> Response:
@@ -470,7 +307,7 @@ def create_app(
 
     @app.post("/v1/carriers/{carrier_id}/resume", responses=errors, tags=["admin"])
     async def resume(
-        carrier_id: Annotated[str, Path(pattern=_ID)], _: Principal = admin
+        carrier_id: Annotated[str, Path(pattern=ID_PATTERN)], _: Principal = admin
     ) -> Response:
         """Put a paused carrier back."""
         service.resume(carrier_id)

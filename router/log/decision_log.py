@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bandit.reward import MessageClass, reward_array
-from router.core.inflight import FINAL_DLR, SUBMIT_OK
+from router.contract.messages import FINAL_DLR, SUBMIT_OK
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
-from router.commands.console import report_console
+from router.console import report_console
 from router.core.config import DEFAULT_POLICY_FILE, load_config
 from router.log.decision_log import (
     DECISION_SCHEMA,

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from carriers.catalog import load_catalog
-from router.commands.console import report_console
+from router.console import report_console
 from router.core.config import load_config
 from router.offline.evaluation import (
     Candidate,

@@ -37,14 +37,8 @@ from router.contract.errors import (
     SharedStateUnavailable,
     UnknownDecision,
 )
-from router.core.engine import (
-    CheckedOutcome,
-    OutcomeEvent,
-    RouteDecision,
-    RouteRequest,
-    RoutingEngine,
-    outcome_signature,
-)
+from router.contract.messages import OutcomeEvent, RouteDecision, RouteRequest
+from router.core.engine import CheckedOutcome, RoutingEngine, outcome_signature
 from router.core.idempotency import Claim, conflict, decision_from_dict, decision_to_dict
 from router.log.decision_log import OUTCOMES, logged_outcomes
 from router.log.snapshot import read_snapshot, write_snapshot

@@ -11,14 +11,9 @@ from pathlib import Path
 
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
 from router.contract.errors import RoutingError
+from router.contract.messages import OutcomeEvent, RouteDecision, RouteRequest
 from router.core.config import DEFAULT_POLICY_FILE, load_config
-from router.core.engine import (
-    EngineOptions,
-    OutcomeEvent,
-    RouteDecision,
-    RouteRequest,
-    RoutingEngine,
-)
+from router.core.engine import EngineOptions, RoutingEngine
 from router.log.decision_log import DecisionLog
 from router.log.snapshot import read_snapshot, write_snapshot
 from router.log.tracking import (

@@ -24,8 +24,8 @@ class WorkersNeedRedis(SystemExit):
 
 def serve_workers(args: argparse.Namespace) -> int:
     """Run `args.workers` uvicorn workers of `app_from_env` (needs a Redis URL)."""
-    from router.cli import connection_limits
     from router.http.server import serve
+    from router.serving.app import connection_limits
 
     if not args.redis_url:
         raise WorkersNeedRedis(
@@ -47,7 +47,7 @@ def serve_workers(args: argparse.Namespace) -> int:
 
 def app_from_env() -> FastAPI:
     """Each worker's application, from the options the parent left in the environment."""
-    from router.cli import build_app
+    from router.serving.app import build_app
 
     return build_app(argparse.Namespace(**json.loads(os.environ[ARGS_ENV])))
 

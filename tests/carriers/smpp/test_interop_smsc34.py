@@ -1,8 +1,9 @@
 """The real sending path against an SMSC this project did not write (issue 12, point 7).
 
 For each receipt style carriers use, a `router serve` process, an SMSC built on the `smpp34`
-package (a Rust SMPP 3.4 stack, `tests/smsc34_server.py`) and a `router worker` process (jobs
-from a private Redis Stream, binds to the SMSC as every carrier of the catalog) run on loopback.
+package (a Rust SMPP 3.4 stack, `tests/carriers/smpp/smsc34_server.py`) and a `router worker`
+process (jobs from a private Redis Stream, binds to the SMSC as every carrier of the catalog) run
+on loopback.
 The SMSC logs every receipt it sends with the message's text (which names the job) and the
 account (= carrier) it came on; the job ledger names each job's latest decision, and the
 router's `GET /v1/decisions/{id}` its parents (retries) and outcomes. Each test then checks:
@@ -39,12 +40,12 @@ pytest.importorskip("smpp34", reason="the interop SMSC needs smpp34: pip install
 from carriers.catalog import load_catalog
 from carriers.sender.ledger import JobRecord, RedisLedger
 from carriers.sender.queue import Job, RedisStreamQueue
+from tests.carriers.smpp.smsc34_server import BEHAVIOURS
 from tests.conftest import LiveServer, free_port, launch_server, wait_ready
 from tests.redis_server import ExternalRedis, RedisServer
-from tests.smsc34_server import BEHAVIOURS
 
-ROOT = Path(__file__).resolve().parents[1]
-SMSC_SCRIPT = ROOT / "tests" / "smsc34_server.py"
+ROOT = Path(__file__).resolve().parents[3]
+SMSC_SCRIPT = Path(__file__).resolve().parent / "smsc34_server.py"
 CARRIERS = tuple(load_catalog().carriers)
 NUMBER_PREFIX = "+49151234"  # German mobile numbers (example range), varied in the last digits
 STREAM = "interop:{jobs}"

@@ -16,15 +16,16 @@ import pytest
 from redis.crc import key_slot
 
 from carriers.catalog import EXAMPLE_CATALOG, load_catalog
+from router.contract.messages import OutcomeEvent, RouteRequest
 from router.core.config import load_config
-from router.core.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
+from router.core.engine import EngineOptions, RoutingEngine
 from router.log.decision_log import DECISIONS, DecisionLog
 from router.replicas.outbox import Item, Outbox
 from router.replicas.redis_bus import RedisBus, connect
 from router.replicas.shared_state import SharedSettings, SharedState
 from tests.redis_server import ExternalRedis, LocalCluster, RedisServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def _start(data_dir: Path, *args: str) -> LiveServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[3],
             preexec_fn=_low_fd_limit,
         )
     url = f"http://127.0.0.1:{port}"

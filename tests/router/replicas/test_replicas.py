@@ -257,7 +257,7 @@ def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
         text=True,
         timeout=60,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[3],
     )
     assert done.returncode != 0
     assert "--workers > 1 needs shared state" in done.stderr

@@ -16,8 +16,9 @@ from bandit.model import RouteKey
 from carriers.catalog import Catalog, load_catalog
 from experiments.play import play
 from experiments.world import ScenarioSpec, World
+from router.contract.messages import OutcomeEvent, RouteRequest
 from router.core.config import load_config
-from router.core.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
+from router.core.engine import EngineOptions, RoutingEngine
 
 START = "2026-11-02T09:00:00Z"  # 10:00-12:00 local in DE and RU: one time band
 RU_CARRIERS = ["globalprime", "eurodirect", "asiahub", "rulocal", "budgetroute"]

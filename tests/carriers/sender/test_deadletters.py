@@ -31,11 +31,11 @@ from carriers.sender.reporter import OutcomeReporter
 from carriers.sender.worker import SenderWorker
 from carriers.smsc.server import SimulatedSMSC, deliver_after
 from router.contract.client import RouterClient
-from router.core.engine import OutcomeEvent, RouteRequest
+from router.contract.messages import OutcomeEvent, RouteRequest
+from tests.carriers.sender.test_worker import CARRIERS, DE, jobs_for, wait_for
 from tests.conftest import LiveServer, free_port, start_server
-from tests.test_worker import CARRIERS, DE, jobs_for, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 WAIT_S = 60.0
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 ENV.pop("REDIS_URL", None)

@@ -17,7 +17,7 @@ import redis
 from tests.conftest import T0, LiveServer, launch_server, wait_ready
 from tests.redis_server import ExternalRedis, RedisServer, redis_from_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PREFIX = "authtest"
 CLI = (sys.executable, "-m", "router.cli")
 RU = "+79031234567"

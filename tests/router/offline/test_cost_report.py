@@ -11,12 +11,12 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from test_ope import simulate
 
 from carriers.catalog import load_catalog
 from router.cli import main
 from router.log.decision_log import DecisionLog
 from router.offline.cost_report import build_report, parse_when
+from tests.bandit.test_ope import simulate
 
 DAY1 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(days=1)

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import T0, LiveServer, launch_server, start_server, wait_ready
 from tests.redis_server import ExternalRedis, RedisServer, redis_from_env
-from tests.test_replicas import metric, replica_args, wait_for
+from tests.router.replicas.test_replicas import metric, replica_args, wait_for
 
 RU = "+79031234567"
 OTHER = "+79031234568"
@@ -218,7 +218,7 @@ def test_one_log_row_per_key_and_keys_survive_a_restart(tmp_path: Path) -> None:
 def test_the_local_keys_are_bounded_and_expire_in_event_time() -> None:
     from prometheus_client import CollectorRegistry
 
-    from router.core.engine import RouteDecision
+    from router.contract.messages import RouteDecision
     from router.core.idempotency import Claim, IdempotencyKeys
 
     keys = IdempotencyKeys(capacity=5, registry=CollectorRegistry())

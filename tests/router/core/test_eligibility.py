@@ -6,9 +6,10 @@ import pytest
 
 from carriers.catalog import Catalog, load_catalog
 from router.contract.errors import NoEligibleCarrier
+from router.contract.messages import RouteRequest
 from router.core.config import load_config
 from router.core.eligibility import Eligibility, TokenBucket
-from router.core.engine import EngineOptions, RouteRequest, RoutingEngine
+from router.core.engine import EngineOptions, RoutingEngine
 
 T0 = 1_793_602_800.0
 

@@ -26,7 +26,7 @@ from carriers.sender.worker import SenderWorker, WorkerOptions
 from carriers.smpp.client import SmppCarrier
 from carriers.smsc.server import ESME_RINVDSTADR, Fate, SimulatedSMSC, Submission, deliver_after
 from router.contract.client import RouterClient
-from router.core.engine import RouteDecision
+from router.contract.messages import RouteDecision
 from tests.conftest import LiveServer, start_server
 
 DE = "+4915123456789"  # a German mobile number (example range)

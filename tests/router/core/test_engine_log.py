@@ -7,8 +7,9 @@ from pathlib import Path
 import orjson
 
 from carriers.catalog import load_catalog
+from router.contract.messages import OutcomeEvent, RouteRequest
 from router.core.config import load_config
-from router.core.engine import EngineOptions, OutcomeEvent, RouteRequest, RoutingEngine
+from router.core.engine import EngineOptions, RoutingEngine
 from router.core.inflight import InFlight
 from router.log.decision_log import (
     DECISION_SCHEMA,

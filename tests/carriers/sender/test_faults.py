@@ -20,7 +20,15 @@ import pytest
 from router.replicas.redis_bus import RedisBus
 from tests.conftest import LiveServer, launch_server, wait_ready
 from tests.redis_server import ExternalRedis, RedisServer
-from tests.test_replicas import RU, at, evidence, learned, metric, replica_args, wait_for
+from tests.router.replicas.test_replicas import (
+    RU,
+    at,
+    evidence,
+    learned,
+    metric,
+    replica_args,
+    wait_for,
+)
 
 
 @pytest.fixture

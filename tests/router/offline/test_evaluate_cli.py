@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from test_ope import simulate, true_value
 
 from carriers.catalog import load_catalog
 from router.cli import main
+from tests.bandit.test_ope import simulate, true_value
 
 
 def test_evaluate_cli_logs_estimates_to_mlflow(tmp_path: Path) -> None:

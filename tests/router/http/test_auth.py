@@ -21,7 +21,7 @@ from router.http.keys import new_key
 from tests.conftest import T0, LiveServer, start_server
 
 pytestmark = pytest.mark.usefixtures("without_redis_env")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 CLI = (sys.executable, "-m", "router.cli")
 RU = "+79031234567"
 IN = "+919876543210"

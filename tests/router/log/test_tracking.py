@@ -171,7 +171,7 @@ def test_a_sigkilled_server_s_segments_reach_its_run_which_ends_killed(tmp_path:
 
     from router.offline.evaluate_run import EvaluateOptions, run_evaluation
     from tests.conftest import start_server
-    from tests.test_replicas import RU, at, wait_for
+    from tests.router.replicas.test_replicas import RU, at, wait_for
 
     data = tmp_path / "srv"
     live = start_server(data)

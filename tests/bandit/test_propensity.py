@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from carriers.catalog import Catalog, load_catalog
+from router.contract.messages import RouteDecision, RouteRequest
 from router.core.config import EngineConfig, load_config
-from router.core.engine import EngineOptions, RouteDecision, RouteRequest, RoutingEngine
+from router.core.engine import EngineOptions, RoutingEngine
 
 N_PER_CONTEXT = 4000
 STEP_SECONDS = 0.05  # well under every carrier's throughput cap, so eligibility never changes

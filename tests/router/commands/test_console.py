@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rich.table import Table
 
-from router.commands.console import LOG_WIDTH, report_console
+from router.console import LOG_WIDTH, report_console
 
 
 def _table() -> Table:

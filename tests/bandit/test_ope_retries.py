@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_ope import SPEC, simulate
 
 from carriers.catalog import load_catalog
 from router.log.decision_log import (
@@ -20,6 +19,7 @@ from router.log.decision_log import (
     read_stream,
 )
 from router.offline.evaluation import RewardModel, evaluate, make_candidate
+from tests.bandit.test_ope import SPEC, simulate
 
 RETRY_SPEC = {**SPEC, "traffic": {**SPEC["traffic"], "retry": True}}
 

@@ -39,8 +39,8 @@ from experiments.runner import (
     shipped_scenarios,
 )
 from experiments.world import RouteSpec, ScenarioError, ScenarioSpec, World, load_scenario
+from router.contract.messages import RouteDecision
 from router.core.config import load_config
-from router.core.engine import RouteDecision
 from router.log.decision_log import DECISION_SCHEMA, DECISIONS, read_stream
 
 START = "2026-11-02T09:00:00Z"

@@ -1,6 +1,7 @@
 """A standalone SMSC on the `smpp34` package (a Rust SMPP 3.4 stack, not this project's smpplib).
 
-    python tests/smsc34_server.py --port 2775 --behaviour appendixb10 --log receipts.jsonl
+    python tests/carriers/smpp/smsc34_server.py --port 2775 --behaviour appendixb10 \
+        --log receipts.jsonl
 
 It accepts every bind (smpp34's Python server does not surface the password) and every
 `submit_sm`, and sends delivery receipts the way real carriers do, chosen by `--behaviour`:

@@ -30,7 +30,7 @@ from router.log.decision_log import (
     read_stream,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
 

@@ -19,7 +19,7 @@ from tests.conftest import T0, LiveServer, launch_server, wait_ready
 from tests.redis_server import ExternalRedis, RedisServer
 
 RU = "+79031234567"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def replica(data_dir: Path, url: str, prefix: str, key: str | None) -> LiveServer:
