@@ -29,7 +29,7 @@ from bandit.cost_subsidy import quality_regret as quality_regret_curve
 from bandit.model import CarrierModel, Observation, RouteKey
 from bandit.policies import POLICIES, Arm, DecisionContext, draw, make_policy
 from bandit.reward import MessageClass
-from experiments.runner import _experiment, _log_values
+from experiments.tracking import log_values, mlflow_experiment
 from experiments.world import SCENARIOS, ScenarioError
 from router.console import report_console
 from router.log.tracking import default_artifact_location, default_tracking_uri
@@ -253,7 +253,7 @@ def _log(
     artifact_location: str,
 ) -> dict[tuple[str, str], str]:
     """A parent run with the table and plots; a child run per (instance, algorithm)."""
-    exp = _experiment(client, EXPERIMENT, artifact_location)
+    exp = mlflow_experiment(client, EXPERIMENT, artifact_location)
     parent = client.create_run(exp, run_name=f"summary {spec.name}").info.run_id
     ids = {}
     for (instance, algo), c in curves.items():
@@ -264,7 +264,7 @@ def _log(
         params = {"instance": instance, "algorithm": algo, "alpha": ispec.alpha}
         params |= {"horizon": spec.horizon, "seeds": spec.seeds, "means": ispec.means}
         params |= {"costs": ispec.costs}
-        _log_values(client, rid, params, table.loc[(instance, algo)].to_dict())
+        log_values(client, rid, params, table.loc[(instance, algo)].to_dict())
         for step, cost, quality in zip(
             rounds, c["cost"].mean(axis=0), c["quality"].mean(axis=0), strict=True
         ):
@@ -282,7 +282,7 @@ def _log(
             client.log_artifact(parent, str(png), "plots")
         if spec.sweep_arm is not None:
             client.log_artifact(parent, str(plot_sweep(spec, table, Path(tmp) / "sweep.png")))
-    _log_values(client, parent, {"spec": spec.name, "horizon": spec.horizon}, {})
+    log_values(client, parent, {"spec": spec.name, "horizon": spec.horizon}, {})
     client.set_terminated(parent)
     return ids
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from bandit.reward import MessageClass
-from experiments.world import World
+from experiments.world import OUTAGES, EventSpec, World
 
 REACTION_SHARE = 0.10  # reacted: the failed route gets under this share of its traffic...
 REACTION_MIN_DECISIONS = 50  # ...over the rest of the outage, judged on at least this many
@@ -86,22 +86,27 @@ def reaction_times(frame: pd.DataFrame, world: World) -> dict[str, float]:
     `REACTION_SHARE` (judged on at least `REACTION_MIN_DECISIONS`); NaN if it never is."""
     first = routed(frame)
     first = first[first["attempt"] == 1].sort_values("at")
-    out: dict[str, float] = {}
-    for ev in world.spec.events:
-        if ev.kind != "outage":
-            continue
-        start = world.start + 60 * ev.at_minute
-        end = min(world.end, start + 60 * ev.minutes)
-        countries = list(world.catalog.carriers[ev.carrier].coverage)
-        mine = first[first["country"].isin(countries if ev.country == "*" else [ev.country])]
-        mine = mine[(mine["at"] >= start) & (mine["at"] < end)]
-        to_failed = (mine["carrier"] == ev.carrier).to_numpy(dtype=float)
-        rest = np.arange(len(to_failed), 0, -1)
-        share_of_rest = np.cumsum(to_failed[::-1])[::-1] / rest
-        hits = np.flatnonzero((share_of_rest < REACTION_SHARE) & (rest >= REACTION_MIN_DECISIONS))
-        at = mine["at"].to_numpy()
-        out[f"{ev.carrier}/{ev.country}"] = float(at[hits[0]] - start) if hits.size else math.nan
-    return out
+    return {
+        f"{ev.carrier}/{ev.country}": reaction_time(first, world, ev)
+        for ev in world.spec.events
+        if ev.kind in OUTAGES
+    }
+
+
+def reaction_time(first: pd.DataFrame, world: World, ev: EventSpec) -> float:
+    """One outage's reaction time (see `reaction_times`), from the routed first attempts sorted
+    by time."""
+    start = world.start + 60 * ev.at_minute
+    end = min(world.end, start + 60 * ev.minutes)
+    countries = list(world.catalog.carriers[ev.carrier].coverage)
+    mine = first[first["country"].isin(countries if ev.country == "*" else [ev.country])]
+    mine = mine[(mine["at"] >= start) & (mine["at"] < end)]
+    to_failed = (mine["carrier"] == ev.carrier).to_numpy(dtype=float)
+    rest = np.arange(len(to_failed), 0, -1)
+    share_of_rest = np.cumsum(to_failed[::-1])[::-1] / rest
+    hits = np.flatnonzero((share_of_rest < REACTION_SHARE) & (rest >= REACTION_MIN_DECISIONS))
+    at = mine["at"].to_numpy()
+    return float(at[hits[0]] - start) if hits.size else math.nan
 
 
 def cumulative_regret(

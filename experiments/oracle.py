@@ -22,7 +22,6 @@ from experiments.play import RETRY_AFTER_S
 from experiments.world import (
     REJECT_AFTER_S,
     UNDELIV_DELAY_S,
-    UNDELIV_SHARE,
     RouteSpec,
     World,
 )
@@ -96,7 +95,7 @@ def retry_waits(
             (1 - delivery_rate(route, night))
             * (1 - route.fake_dlr)
             * (1 - route.no_dlr)
-            * UNDELIV_SHARE
+            * route.undeliv_share
         )
         p = (1 - route.submit_reject) * undeliv * (top - lo) / (hi - lo) / points
         out += [(p, lo + (top - lo) * (k + 0.5) / points + RETRY_AFTER_S) for k in range(points)]
@@ -126,7 +125,7 @@ class Oracle(Policy):
         key = ctx.key
         night = (key.band + 1) * self.model.config.band_hours <= NIGHT_END_HOUR
         mc = ctx.message_class
-        routes = [self.world.route(a.carrier, key.country, ctx.at) for a in arms]
+        routes = [self.world.route(a.carrier, key.country, ctx.at, key.operator) for a in arms]
         prices = [
             self.world.price(a.carrier, key.country, key.operator, ctx.at) * ctx.segments
             for a in arms

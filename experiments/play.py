@@ -152,7 +152,9 @@ class TrafficDriver:
                 at, s.msg.to, s.msg.country, s.msg.mccmnc, s.msg.tenant, s.msg.message_class
             )
             operator = answer.context["operator"]
-            events, truth = self.world.send(answer.carrier, msg, answer.context["local_hour"], rng)
+            events, truth = self.world.send(
+                answer.carrier, msg, answer.context["local_hour"], rng, operator
+            )
             self._sent[answer.decision_id] = (s, answer.carrier)
             sla = self.classes[s.msg.message_class].sla_seconds
             # As the user sees it: a retry's latency counts from the message's first send.

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.markup import escape
@@ -29,6 +28,7 @@ from rich.table import Table
 
 from bandit.policies import POLICIES
 from carriers.catalog import Catalog, load_catalog
+from experiments.cost_subsidy_runner import SPECS, markdown, run_cost_subsidy
 from experiments.metrics import (
     REACTION_MIN_DECISIONS,
     REACTION_SHARE,
@@ -42,6 +42,8 @@ from experiments.oracle import Judge, use_oracle
 from experiments.peers import PEERS, PeerEngine, missing_library, use_peer
 from experiments.play import play
 from experiments.plots import plot_regret, plot_split
+from experiments.results_file import worlds_section
+from experiments.tracking import log_values, mlflow_experiment
 from experiments.world import SCENARIOS, World, load_scenario
 from router.console import report_console
 from router.core.config import EngineConfig, load_config
@@ -297,15 +299,6 @@ def _fmt(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:,.4g}"
 
 
-def _experiment(client: MlflowClient, name: str, artifact_location: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is None:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    if found.lifecycle_stage == "deleted":
-        client.restore_experiment(found.experiment_id)
-    return found.experiment_id
-
-
 def _log_to_mlflow(
     client: MlflowClient,
     world: World,
@@ -317,7 +310,7 @@ def _log_to_mlflow(
 ) -> tuple[str, str, dict[str, str]]:
     """One run per policy under a summary run; returns (experiment, summary run, policy runs)."""
     name = world.spec.name
-    exp = _experiment(client, experiment_name(name), artifact_location)
+    exp = mlflow_experiment(client, experiment_name(name), artifact_location)
     tags = {"scenario": name, "seed": str(seed)}
     parent = client.create_run(exp, run_name=f"summary seed={seed}", tags=tags).info.run_id
     oracle = runs[ORACLE].frame
@@ -332,7 +325,7 @@ def _log_to_mlflow(
             ).info.run_id
             params = {"policy": policy, "policy_version": run.version, "scenario": name}
             params |= {"seed": seed, **{f"param.{k}": v for k, v in run.params.items()}}
-            _log_values(client, rid, params, run.metrics)
+            log_values(client, rid, params, run.metrics)
             plots = Path(tmp) / policy
             plot_regret({policy: curves[policy]}, plots / "cumulative_regret.png", policy)
             plot_regret(
@@ -352,21 +345,9 @@ def _log_to_mlflow(
         )
         lf_plot = plot_regret(luck_free, Path(tmp) / "luck_free_regret.png", name, LUCK_FREE)
         client.log_artifact(parent, str(lf_plot))
-    _log_values(client, parent, {"scenario": name, "seed": seed, "policies": ",".join(runs)}, {})
+    log_values(client, parent, {"scenario": name, "seed": seed, "policies": ",".join(runs)}, {})
     client.set_terminated(parent)
     return exp, parent, ids
-
-
-def _log_values(
-    client: MlflowClient, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]
-) -> None:
-    """Params and the finite metrics of a run, in one batch."""
-    stamp = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items() if math.isfinite(v)],
-        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-    )
 
 
 def write_results(
@@ -421,12 +402,12 @@ def write_results(
         spec = load_scenario(scenario)
         sections += ["", f"## {scenario}", "", " ".join(spec.description.split()), ""]
         sections += [_markdown(table), "", verdict(table, seeds=summaries)]
-    # Imported here: the cost-subsidy runner reuses this module's MLflow helpers.
-    from experiments.cost_subsidy_runner import SPECS, markdown, run_cost_subsidy
-
     for spec in SPECS:
         result = run_cost_subsidy(spec, out=out, tracking_uri=tracking_uri, console=console)
         sections += ["", *markdown(result)]
+    # The generated worlds' section (`router experiment worlds`) is kept as it was.
+    kept = worlds_section(path.read_text(encoding="utf-8")) if path.exists() else None
+    sections += ["", kept] if kept else []
     path.write_text("\n".join(sections) + "\n", encoding="utf-8")
     return path
 

@@ -50,19 +50,33 @@ class RouteSpec(_Strict):
     fake_dlr: float = Field(0.0, ge=0, le=1, description="P(DELIVRD receipt for a lost message)")
     submit_reject: float = Field(0.0, ge=0, le=1)
     night_drop: float = Field(0.0, ge=0, le=1, description="delivery lost at local night (0-6h)")
+    undeliv_share: float = Field(
+        UNDELIV_SHARE, ge=0, le=1, description="P(UNDELIV, not EXPIRED | a lost message's receipt)"
+    )
+
+
+OUTAGES = ("outage", "loud_outage", "silent_outage")
+# A silent outage: the carrier accepts (and bills) every submit, delivers a few, sends no receipt
+# for most of the rest and EXPIRED hours later for the others, so no sender retries.
+SILENT_DELIVER, SILENT_NO_DLR = 0.03, 0.8
 
 
 class EventSpec(_Strict):
     """A scripted change on one route: an outage, a degradation, a price change, or a new
-    carrier (unavailable, i.e. paused in the engine, until `at_minute`)."""
+    carrier (unavailable, i.e. paused in the engine, until `at_minute`).
+
+    `outage`: nothing delivered, mostly no receipts; `loud_outage`: nothing delivered, every
+    loss answered by a quick UNDELIV (senders retry); `silent_outage`: see SILENT_DELIVER. A
+    price change is told to the engine (a new catalog) unless `announced` is false."""
 
     at_minute: float = Field(ge=0)
     carrier: str
     country: str | Literal["*"] = "*"
-    kind: Literal["outage", "degrade", "price", "new_carrier"]
+    kind: Literal["outage", "loud_outage", "silent_outage", "degrade", "price", "new_carrier"]
     minutes: float = Field(float("inf"), gt=0)
     deliver: float | None = Field(None, ge=0, le=1, description="delivery during a degrade")
     price: float | None = Field(None, ge=0, description="price per part during a price change")
+    announced: bool = Field(True, description="a price change reaches the engine's catalog")
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> EventSpec:
@@ -195,7 +209,10 @@ class World:
         self._check()
         rng = np.random.default_rng(self.spec.seed)
         for country in self.spec.traffic.countries:
-            self.numbers[country] = _number_pool(country, self.catalog, rng)
+            if country not in self.numbers:  # a generated world brings its own pools
+                self.numbers[country] = _number_pool(country, self.catalog, rng)
+        # Routes given per operator ("CC/operator" keys), e.g. by experiments.worldgen.
+        self._by_operator = any("/" in c for by in self.spec.routes.values() for c in by)
 
     def _check(self) -> None:
         problems = catalog_problems(self.spec, self.catalog)
@@ -221,7 +238,7 @@ class World:
 
     def price(self, carrier: str, country: str, operator: str, at: float) -> float:
         """The price per part the carrier really charges at `at`, after price changes."""
-        change = self._price_change(carrier, country, at)
+        change = self._price_change(carrier, country, at, announced_only=False)
         if change is not None:
             return change
         return self.catalog.carriers[carrier].coverage[country].price_for(operator)
@@ -234,8 +251,14 @@ class World:
         }
         return dataclasses.replace(self.catalog, carriers=carriers)
 
-    def _price_change(self, carrier: str, country: str, at: float) -> float | None:
-        prices = [ev.price for ev in self._events(carrier, country, at, ("price",))]
+    def _price_change(
+        self, carrier: str, country: str, at: float, announced_only: bool = True
+    ) -> float | None:
+        prices = [
+            ev.price
+            for ev in self._events(carrier, country, at, ("price",))
+            if ev.announced or not announced_only
+        ]
         return prices[-1] if prices else None
 
     def controls(self) -> list[tuple[float, str, str]]:
@@ -247,7 +270,7 @@ class World:
             at = self.start + 60 * ev.at_minute
             if ev.kind == "new_carrier":
                 out += [(self.start, "pause", ev.carrier), (at, "resume", ev.carrier)]
-            elif ev.kind == "price":
+            elif ev.kind == "price" and ev.announced:
                 out.append((at, "catalog", ev.carrier))
                 if math.isfinite(ev.minutes):
                     out.append((at + 60 * ev.minutes, "catalog", ev.carrier))
@@ -262,19 +285,44 @@ class World:
             return 0.0
         return self.price(carrier, msg.country, operator, msg.at)
 
-    def route(self, carrier: str, country: str, at: float) -> RouteSpec:
-        """The route's true behaviour at event time `at`, after scripted events."""
+    def route(
+        self, carrier: str, country: str, at: float, operator: str | None = None
+    ) -> RouteSpec:
+        """The route's true behaviour at event time `at`, after scripted events (a
+        "country/operator" route, where the scenario has one, before the country's)."""
         by_country = self.spec.routes.get(carrier, {})
-        spec = by_country.get(country) or by_country.get("*") or self.spec.defaults
-        for ev in self._events(carrier, country, at, ("outage", "degrade")):
-            deliver = 0.0 if ev.kind == "outage" else (ev.deliver or 0.0)
-            spec = replace_spec(
-                spec, deliver=deliver, no_dlr=0.9 if ev.kind == "outage" else spec.no_dlr
-            )
+        spec = (
+            (self._by_operator and by_country.get(f"{country}/{operator}"))
+            or by_country.get(country)
+            or by_country.get("*")
+            or self.spec.defaults
+        )
+        events = self._events(carrier, country, at, (*OUTAGES, "degrade"))
+        for ev in sorted(events, key=lambda ev: ev.kind in OUTAGES):  # an outage overrides
+            if ev.kind == "outage":
+                spec = replace_spec(spec, deliver=0.0, no_dlr=0.9)
+            elif ev.kind == "loud_outage":
+                spec = replace_spec(spec, deliver=0.0, no_dlr=0.0, fake_dlr=0.0, undeliv_share=1.0)
+            elif ev.kind == "silent_outage":
+                spec = replace_spec(
+                    spec,
+                    deliver=SILENT_DELIVER,
+                    no_dlr=SILENT_NO_DLR,
+                    fake_dlr=0.0,
+                    submit_reject=0.0,
+                    undeliv_share=0.0,
+                )
+            else:
+                spec = replace_spec(spec, deliver=ev.deliver or 0.0, no_dlr=spec.no_dlr)
         return spec
 
     def send(
-        self, carrier: str, msg: Message, local_hour: int, rng: np.random.Generator
+        self,
+        carrier: str,
+        msg: Message,
+        local_hour: int,
+        rng: np.random.Generator,
+        operator: str | None = None,
     ) -> tuple[list[Outcome], Truth]:
         """The outcome events of sending `msg` through `carrier`, and what truly happened.
 
@@ -282,8 +330,8 @@ class World:
         branch, so two policies sending one message through different carriers with the same
         `rng` face coupled outcomes (with equal submit rejection rates, delivered on the worse
         route implies delivered on the better one): common random numbers across carriers, not
-        only within one."""
-        r = self.route(carrier, msg.country, msg.at)
+        only within one. `operator` (as the engine resolved it) picks a per-operator route."""
+        r = self.route(carrier, msg.country, msg.at, operator)
         u = rng.random(_UNIFORMS).tolist()  # Python floats: the truths below are plain bools
         z = rng.standard_normal(_NORMALS).tolist()
         t = msg.at
@@ -310,7 +358,7 @@ class World:
         elif u[6] < r.fake_dlr:
             events.append(Outcome(t + latency, "dlr", "DELIVRD"))
         elif receipt:
-            if u[7] < UNDELIV_SHARE:
+            if u[7] < r.undeliv_share:
                 lo, hi = UNDELIV_DELAY_S
                 events.append(Outcome(t + lo + (hi - lo) * u[4], "dlr", "UNDELIV"))
             else:

@@ -69,6 +69,10 @@ def _positive_float(text: str) -> float:
 
 
 def _experiment(args: argparse.Namespace) -> int:
+    if args.action == "worlds":
+        from experiments.multiworld import main
+
+        return main(args)
     from experiments.runner import UnknownPolicy, parse_policies, run_experiment, write_results
     from experiments.world import ScenarioError
 
@@ -262,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
             default=len(os.sched_getaffinity(0)),
             help="policies played at once, in as many processes (default: the usable CPUs)",
         )
+    exp_w = exp_sub.add_parser("worlds", help="every policy on generated worlds, to RESULTS.md")
+    exp_w.add_argument("--worlds", type=_positive_int, default=20, help="generated worlds")
+    exp_w.add_argument("--seeds", type=_positive_int, default=3, help="seeds per world")
+    exp_w.add_argument("--first-world", type=int, default=1, help="seed of the first world")
+    exp_w.add_argument("--seed", type=int, default=1, help="first play seed")
+    exp_w.add_argument("--countries", type=_positive_int, default=4)
+    exp_w.add_argument("--carriers", type=_positive_int, default=5)
+    exp_w.add_argument("--hours", type=_positive_float, default=5.0)
+    exp_w.add_argument("--rate", type=_positive_float, default=0.2, help="messages per second")
+    exp_w.add_argument("--policies", default="", help="comma-separated (default: all compared)")
+    exp_w.add_argument("--results", default="experiments/RESULTS.md", help="file to write")
+    exp_w.add_argument(
+        "--jobs", type=_positive_int, default=len(os.sched_getaffinity(0)), help="processes"
+    )
     exp_cs = exp_sub.add_parser(
         "cost-subsidy",
         help="the cost-subsidy anchor (Sinha et al.): CS-TS, CS-UCB, CS-ETC, COF, ours",
