@@ -157,6 +157,12 @@ class TrafficDriver:
             )
             self._sent[answer.decision_id] = (s, answer.carrier)
             sla = self.classes[s.msg.message_class].sla_seconds
+            cost = self.world.cost(answer.carrier, msg, operator, events)
+            billed_on = (
+                self.world.billed_on(answer.carrier)
+                if self.world.spec.traffic.report_cost
+                else None
+            )
             # As the user sees it: a retry's latency counts from the message's first send.
             latency = None if truth.latency_s is None else at - s.msg.at + truth.latency_s
             self.rows.append(
@@ -171,7 +177,7 @@ class TrafficDriver:
                     "converted": truth.converted,
                     "success": truth.delivered and (latency or 0.0) <= sla,
                     "operator": operator,
-                    "cost": self.world.cost(answer.carrier, msg, operator, events),
+                    "cost": cost,
                     "receipt": next((e.status for e in events if e.event == "dlr"), None),
                     "expected_regret": math.nan
                     if self.judge is None
@@ -180,15 +186,19 @@ class TrafficDriver:
                     ),
                 }
             )
-            for ev in events:
-                self._push(ev.at, "outcome", (answer.decision_id, ev))
+            for ev in events:  # the bill rides on the event the carrier bills on, as reported
+                bill = cost if (ev.event, ev.status) == billed_on else None
+                self._push(ev.at, "outcome", (answer.decision_id, ev, bill))
             self.routed += 1
 
     def _report(self, batch: list[tuple[float, Any]]) -> None:
         self.router.record_outcomes(
-            [OutcomeEvent(did, ev.event, ev.status, at=ev.at) for _, (did, ev) in batch]
+            [
+                OutcomeEvent(did, ev.event, ev.status, cost=bill, at=ev.at)
+                for _, (did, ev, bill) in batch
+            ]
         )
-        for _, (did, ev) in batch:
+        for _, (did, ev, _bill) in batch:
             s, carrier = self._sent[did]
             sla = self.classes[s.msg.message_class].sla_seconds
             if (

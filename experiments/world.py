@@ -101,6 +101,9 @@ class TrafficSpec(_Strict):
     tenants: dict[str, float] = Field(default_factory=lambda: {"default": 1.0})
     classes: dict[str, float] = Field(default_factory=lambda: {"otp": 1.0})
     retry: bool = True
+    # The senders report each bill (`cost` on the event the carrier bills on), as a billing
+    # integration would; off, the engine prices from the catalog alone (an SMPP worker today).
+    report_cost: bool = False
 
 
 class ScenarioSpec(_Strict):
@@ -276,11 +279,16 @@ class World:
                     out.append((at + 60 * ev.minutes, "catalog", ev.carrier))
         return sorted(out)
 
-    def cost(self, carrier: str, msg: Message, operator: str, events: list[Outcome]) -> float:
-        """What sending `msg` really cost: billed on an accepted submit, or on a DELIVRD
-        receipt for carriers billing on delivery."""
+    def billed_on(self, carrier: str) -> tuple[str, str]:
+        """The outcome event the carrier bills on: an accepted submit, or a DELIVRD receipt
+        for carriers billing on delivery."""
         on_delivery = self.catalog.carriers[carrier].bills_on_delivery
-        billed = ("dlr", "DELIVRD") if on_delivery else ("submit", "ACCEPTED")
+        return ("dlr", "DELIVRD") if on_delivery else ("submit", "ACCEPTED")
+
+    def cost(self, carrier: str, msg: Message, operator: str, events: list[Outcome]) -> float:
+        """What sending `msg` really cost (per part, at the price in force when it was sent),
+        if one of its events is the one the carrier bills on; else 0."""
+        billed = self.billed_on(carrier)
         if not any((e.event, e.status) == billed for e in events):
             return 0.0
         return self.price(carrier, msg.country, operator, msg.at)

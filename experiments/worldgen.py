@@ -251,6 +251,7 @@ class _Builder:
                 },
                 "tenants": {"acme": 0.4, "default": 0.6},
                 "classes": {"otp": 0.85, "transactional": 0.15},
+                "report_cost": True,  # unannounced price rises are seen on the bills
             },
             routes=self.routes,
             events=events,

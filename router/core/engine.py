@@ -21,6 +21,7 @@ import phonenumbers
 
 from bandit.model import CarrierModel, Observation, RouteKey
 from bandit.policies import Arm, DecisionContext, Policy, draw, fallback_order, make_policy
+from bandit.prices import PriceModel
 from bandit.reward import MessageClass
 from carriers.catalog import Catalog, Tenant
 from features import (
@@ -148,6 +149,7 @@ class RoutingEngine:
         self.options = options or EngineOptions()
         self.metrics = metrics or EngineMetrics()
         self.model = CarrierModel(config.model)
+        self.prices = PriceModel(half_life_seconds=config.model.half_life_seconds)
         self.policy: Policy = make_policy(
             config.policy, self.model, seed=config.seed, **dict(config.params)
         )
@@ -359,7 +361,13 @@ class RoutingEngine:
         arms = [
             Arm(
                 c.id,
-                c.coverage[dest.country].price_for(dest.operator),
+                self.prices.price(
+                    c.id,
+                    dest.country,
+                    dest.operator,
+                    c.coverage[dest.country].price_for(dest.operator),
+                    now,
+                ),
                 c.bills_on_delivery,
                 c.priority,
             )
@@ -627,10 +635,24 @@ class RoutingEngine:
             self._on_dlr(flight, status, at, mc, ev)
         else:
             self._on_conversion(flight, at)
+        if ev.cost is not None and _billed(flight, ev.event, status):
+            self._learn_price(flight, ev.cost, at)
         self._log_outcome(flight, self.outcome_row((flight, ev, at)), persist)
         if not closed:
             self._maybe_close(flight, mc)
         return "late" if closed else "recorded"
+
+    def _learn_price(self, flight: InFlight, cost: float, at: float) -> None:
+        """A bill: its unit price against the catalog's for the route (if it still has one)."""
+        coverage = self.catalog.carriers.get(flight.carrier)
+        route = None if coverage is None else coverage.coverage.get(flight.key.country)
+        if route is None:
+            return
+        catalog = route.price_for(flight.key.operator)
+        unit = cost / max(flight.segments, 1)
+        self.prices.observe(
+            flight.carrier, flight.key.country, flight.key.operator, unit, catalog, at
+        )
 
     def _on_submit(self, flight: InFlight, status: str | None, at: float) -> None:
         if not submit_accepted(status):
@@ -756,12 +778,7 @@ class RoutingEngine:
         flight, ev, at = checked
         status = (ev.status or "").upper() or None
         cost = ev.cost
-        billed = (
-            submit_accepted(status) and not flight.billing_on_delivery
-            if ev.event == "submit"
-            else ev.event == "dlr" and status == "DELIVRD" and flight.billing_on_delivery
-        )
-        if cost is None and billed:
+        if cost is None and _billed(flight, ev.event, status):
             cost = flight.unit_price * flight.segments
         if ev.event == "submit":
             status = status or "ACCEPTED"
@@ -897,8 +914,12 @@ class RoutingEngine:
                     if country is not None and code != country:
                         continue
                     est = self.model.estimate(car.id, RouteKey(code, "", -1), now)
+                    observed = self.prices.price(car.id, code, "", cov.price, now)
                     countries[code] = {
                         "price": cov.price,
+                        "observed_price": round(observed, 6),
+                        # what the bills say over the catalog (an operations alarm input)
+                        "price_gap": round(observed / cov.price - 1.0, 4) if cov.price else None,
                         "operator_prices": dict(cov.operator_prices),
                         "success_estimate": round(est.success_mean, 4),
                         "evidence": round(est.alpha + est.beta, 1),
@@ -934,6 +955,7 @@ class RoutingEngine:
                 "policy": self.policy_label,
                 "clock": self.clock,
                 "model": self.model.state_dict(),
+                "prices": self.prices.state_dict(),
                 "paused": dict(self.eligibility.paused),
                 "inflight": [f.to_state() for f in self.inflight.values()],
                 "recent": [f.to_state() for f in self.recent.values()[-20_000:]],
@@ -947,6 +969,9 @@ class RoutingEngine:
             raise ValueError("unsupported snapshot format")
         with self._lock:
             self.model = CarrierModel.from_state(state["model"], self.config.model)
+            self.prices = PriceModel.from_state(
+                state.get("prices", {}), self.config.model.half_life_seconds
+            )
             self.policy.model = self.model
             self.policy.forget_cache()
             self.clock = float(state["clock"])
@@ -967,6 +992,14 @@ class RoutingEngine:
             for cid in self.eligibility.paused:
                 self.metrics.paused.labels(cid).set(1)
             self.idempotency.load(state.get("idempotency", []), self.clock)
+
+
+def _billed(flight: InFlight, event: str, status: str | None) -> bool:
+    """Whether this event is the one the carrier bills on: an accepted submit, or a DELIVRD
+    receipt for a carrier billing on delivery (`status` upper-cased)."""
+    if event == "submit":
+        return bool(submit_accepted(status)) and not flight.billing_on_delivery
+    return event == "dlr" and status == "DELIVRD" and flight.billing_on_delivery
 
 
 def within_sla(
